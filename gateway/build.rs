@@ -10,7 +10,9 @@ use std::{env, fs, path::PathBuf};
 fn main() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets it"));
     let default = manifest.join("../target/bpfel-unknown-none/release/gateway-ebpf");
-    let obj = env::var_os("GATEWAY_EBPF_OBJ").map(PathBuf::from).unwrap_or(default);
+    let obj = env::var_os("GATEWAY_EBPF_OBJ")
+        .map(PathBuf::from)
+        .unwrap_or(default);
     println!("cargo:rerun-if-env-changed=GATEWAY_EBPF_OBJ");
     println!("cargo:rerun-if-changed={}", obj.display());
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets it")).join("gateway-ebpf.o");

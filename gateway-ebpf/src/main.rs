@@ -9,7 +9,10 @@
 #![no_std]
 #![no_main]
 
+use core::ptr::read_volatile;
+
 use aya_ebpf::{
+    EbpfContext,
     bindings::{bpf_sock, bpf_sock_addr},
     helpers::generated::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
@@ -18,14 +21,12 @@ use aya_ebpf::{
     macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, PerCpuArray},
     programs::{SockAddrContext, SockContext, SockOpsContext},
-    EbpfContext,
 };
 use gateway_common::{
-    Control, OrigDst, TupleKey, UdpAllowKey, FLAG_ALLOW_FOREIGN_NETNS, PROTO_TCP, PROTO_UDP,
-    READY, SOCKS_MAX_ENTRIES, STAT_COUNT, STAT_DENIED_MAP_FULL, STAT_DENIED_NETNS,
-    STAT_DENIED_NOT_READY, STAT_DENIED_QUIC, STAT_DENIED_SOCKET, STAT_DENIED_UDP,
-    STAT_DNS_REDIRECTED, STAT_TCP_REDIRECTED, TUPLES_MAX_ENTRIES, UDP_ALLOW_MAX_ENTRIES,
-    is_v4_mapped, v4_mapped,
+    Control, FLAG_ALLOW_FOREIGN_NETNS, OrigDst, PROTO_TCP, PROTO_UDP, READY, SOCKS_MAX_ENTRIES,
+    STAT_COUNT, STAT_DENIED_MAP_FULL, STAT_DENIED_NETNS, STAT_DENIED_NOT_READY, STAT_DENIED_QUIC,
+    STAT_DENIED_SOCKET, STAT_DENIED_UDP, STAT_DNS_REDIRECTED, STAT_TCP_REDIRECTED,
+    TUPLES_MAX_ENTRIES, TupleKey, UDP_ALLOW_MAX_ENTRIES, UdpAllowKey, is_v4_mapped, v4_mapped,
 };
 
 const ALLOW: i32 = 1;
@@ -96,14 +97,15 @@ unsafe fn user_addr(sa: *mut bpf_sock_addr, fam: Family) -> ([u32; 4], u16) {
     unsafe {
         // `user_port` must be read with a full 32-bit load; it holds the
         // port in network order in its low 16 bits.
-        let port = u16::from_be((*sa).user_port as u16);
+        let port = u16::from_be(read_volatile(&raw const (*sa).user_port) as u16);
+        // Only the hook's own family's fields may be read at all.
         let addr = match fam {
-            Family::V4 => v4_mapped((*sa).user_ip4),
+            Family::V4 => v4_mapped(read_volatile(&raw const (*sa).user_ip4)),
             Family::V6 => [
-                (*sa).user_ip6[0],
-                (*sa).user_ip6[1],
-                (*sa).user_ip6[2],
-                (*sa).user_ip6[3],
+                read_volatile(&raw const (*sa).user_ip6[0]),
+                read_volatile(&raw const (*sa).user_ip6[1]),
+                read_volatile(&raw const (*sa).user_ip6[2]),
+                read_volatile(&raw const (*sa).user_ip6[3]),
             ],
         };
         (addr, port)
@@ -186,7 +188,11 @@ fn record<C: EbpfContext>(ctx: &C, addr: [u32; 4], port: u16, fam: Family, proto
     let entry = OrigDst {
         addr,
         port,
-        family: if fam == Family::V4 { AF_INET as u16 } else { AF_INET6 as u16 },
+        family: if fam == Family::V4 {
+            AF_INET as u16
+        } else {
+            AF_INET6 as u16
+        },
         pid: (pid_tgid >> 32) as u32,
         uid: uid_gid as u32,
         gid: (uid_gid >> 32) as u32,
@@ -257,7 +263,11 @@ fn redirect(
     let gw = gateway_addr(&addr);
     // SAFETY: kernel-provided context; IPv6 written as four 32-bit stores.
     unsafe { set_user_addr(ctx.sock_addr, fam, &gw, to_port) };
-    count(if proto == PROTO_TCP { STAT_TCP_REDIRECTED } else { STAT_DNS_REDIRECTED });
+    count(if proto == PROTO_TCP {
+        STAT_TCP_REDIRECTED
+    } else {
+        STAT_DNS_REDIRECTED
+    });
     ALLOW
 }
 
@@ -276,8 +286,16 @@ fn udp(ctx: &SockAddrContext, ctl: &Control, fam: Family, addr: [u32; 4], port: 
     if port == ctl.dns_port && is_gateway_addr(&addr) {
         return ALLOW;
     }
-    let exact = UdpAllowKey { addr, port, _pad: 0 };
-    let any_port = UdpAllowKey { addr, port: 0, _pad: 0 };
+    let exact = UdpAllowKey {
+        addr,
+        port,
+        _pad: 0,
+    };
+    let any_port = UdpAllowKey {
+        addr,
+        port: 0,
+        _pad: 0,
+    };
     if UDP_ALLOW.get_ptr(&exact).is_some() || UDP_ALLOW.get_ptr(&any_port).is_some() {
         return ALLOW;
     }
@@ -445,17 +463,41 @@ fn try_connect_cb(ctx: &SockOpsContext) {
     let Some(ctl) = control() else {
         return;
     };
+    // Every context field with its own volatile load, before any branch:
+    // otherwise LLVM selects between field *pointers*, which the verifier
+    // rejects ("dereference of modified ctx ptr").
+    let ops = ctx.ops;
+    // SAFETY: kernel-provided context; each read is a plain field load.
+    let (remote4, local4, remote6, local6, local_port) = unsafe {
+        (
+            read_volatile(&raw const (*ops).remote_ip4),
+            read_volatile(&raw const (*ops).local_ip4),
+            [
+                read_volatile(&raw const (*ops).remote_ip6[0]),
+                read_volatile(&raw const (*ops).remote_ip6[1]),
+                read_volatile(&raw const (*ops).remote_ip6[2]),
+                read_volatile(&raw const (*ops).remote_ip6[3]),
+            ],
+            [
+                read_volatile(&raw const (*ops).local_ip6[0]),
+                read_volatile(&raw const (*ops).local_ip6[1]),
+                read_volatile(&raw const (*ops).local_ip6[2]),
+                read_volatile(&raw const (*ops).local_ip6[3]),
+            ],
+            read_volatile(&raw const (*ops).local_port),
+        )
+    };
     // An IPv4 or IPv4-mapped socket has its IPv4 fields set; a native IPv6
     // socket carries 127.0.0.6 there, never 127.0.0.1.
-    let (client_addr, proxy_addr) = if ctx.remote_ip4() == LOOPBACK4 {
-        (v4_mapped(ctx.local_ip4()), v4_mapped(LOOPBACK4))
+    let (client_addr, proxy_addr) = if remote4 == LOOPBACK4 {
+        (v4_mapped(local4), v4_mapped(LOOPBACK4))
     } else {
-        (ctx.local_ip6(), ctx.remote_ip6())
+        (local6, remote6)
     };
     let key = TupleKey {
         client_addr,
         proxy_addr,
-        client_port: ctx.local_port() as u16,
+        client_port: local_port as u16,
         proxy_port: ctl.proxy_port,
     };
     let _ = TUPLES.insert(&key, &orig, 0);

@@ -1,1 +1,225 @@
-fn main(){}
+//! `gateway`: the daemon and its command-line tools.
+
+mod admin;
+mod audit;
+mod cgroup;
+mod config;
+mod daemon;
+mod dns;
+mod exec;
+mod identity;
+mod kernel;
+mod proxy;
+mod relay;
+mod sockdiag;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::json;
+
+/// Transparent, identity-aware egress enforcer.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the daemon in the foreground.
+    Run {
+        /// Config file (default /etc/gateway/gateway.toml, else the embedded default).
+        #[arg(long, env = "GATEWAY_CONFIG")]
+        config: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
+    },
+    /// Validate the config and print the effective settings.
+    Check {
+        #[arg(long, env = "GATEWAY_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Run a command under enforcement as IDENTITY, in a fresh child cgroup.
+    Exec {
+        #[arg(long, env = "GATEWAY_CONFIG")]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        identity: String,
+        #[arg(trailing_var_arg = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Attached cgroups, pins and open connections.
+    Status {
+        #[arg(long, env = "GATEWAY_CONFIG")]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove every pinned program, link and map: the only way to end enforcement.
+    Detach {
+        #[arg(long, env = "GATEWAY_CONFIG")]
+        config: Option<PathBuf>,
+    },
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GATEWAY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("gateway: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Cmd::Run { config, log_format } => {
+            init_tracing(log_format);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            if let Err(e) = rt.block_on(daemon::run(config)) {
+                tracing::error!(event = "fatal", error = %format!("{e:#}"));
+                return Err(e);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Check { config } => {
+            let cfg = config::Config::load(config.as_deref())?;
+            print_effective(&cfg);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Exec {
+            config,
+            identity,
+            command,
+        } => {
+            let cfg = config::Config::load(config.as_deref())?;
+            let code = exec::run(&cfg, &identity, &command)?;
+            Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+        }
+        Cmd::Status { config, json } => {
+            let cfg = config::Config::load(config.as_deref())?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let status = match rt.block_on(admin::request(
+                &cfg.daemon.admin_socket,
+                &json!({"cmd": "status"}),
+            )) {
+                Ok(v) => v,
+                Err(e) => {
+                    // The daemon is down: say so, and show what still enforces.
+                    let pins: Vec<_> = kernel::pins(&cfg.daemon.pin_dir)
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect();
+                    json!({"daemon": format!("not reachable: {e:#}"), "ready": false, "pins": pins, "cgroups": [], "connections": []})
+                }
+            };
+            if json {
+                println!("{status}");
+            } else {
+                print_status(&status);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Detach { config } => {
+            let cfg = config::Config::load(config.as_deref())?;
+            let removed = kernel::detach(&cfg.daemon.pin_dir)
+                .with_context(|| format!("detaching {}", cfg.daemon.pin_dir.display()))?;
+            println!(
+                "detached: removed {} pins under {}; tagged cgroups are no longer enforced",
+                removed.len(),
+                cfg.daemon.pin_dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn print_effective(cfg: &config::Config) {
+    let d = &cfg.daemon;
+    println!("config: {} (valid)", cfg.origin);
+    println!(
+        "proxy: 127.0.0.1/::1 port {}  dns: port {}",
+        d.proxy_port, d.dns_port
+    );
+    println!(
+        "pins: {}  state: {}  admin: {}",
+        d.pin_dir.display(),
+        d.state_dir.display(),
+        d.admin_socket.display()
+    );
+    for i in &cfg.identities {
+        let config::IdentitySource::Static { subject, duties } = &i.source;
+        println!(
+            "identity {}: cgroups [{}], static subject {subject}, duties [{}]",
+            i.name,
+            i.cgroups.join(", "),
+            duties.join(", ")
+        );
+    }
+    println!(
+        "policy v{}: default {}",
+        cfg.policy.version, cfg.policy.default
+    );
+}
+
+fn print_status(s: &serde_json::Value) {
+    if let Some(d) = s.get("daemon").and_then(|v| v.as_str()) {
+        println!("daemon: {d}");
+    } else {
+        println!(
+            "daemon: ready={}  proxy port {}  dns port {}  sessions {}",
+            s["ready"], s["proxy_port"], s["dns_port"], s["sessions_total"]
+        );
+    }
+    for c in s["cgroups"].as_array().into_iter().flatten() {
+        println!(
+            "cgroup {}  id {}  identity {}",
+            c["path"], c["id"], c["identity"]
+        );
+    }
+    for p in s["pins"].as_array().into_iter().flatten() {
+        println!("pin {}", p.as_str().unwrap_or_default());
+    }
+    for c in s["connections"].as_array().into_iter().flatten() {
+        println!(
+            "conn {} {} pid {} {} -> {} ({}) up {} down {}",
+            c["session"],
+            c["identity"],
+            c["pid"],
+            c["exe"],
+            c["orig_dst"],
+            c["host"],
+            c["bytes_up"],
+            c["bytes_down"]
+        );
+    }
+}

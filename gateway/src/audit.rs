@@ -1,0 +1,114 @@
+//! Audit records: one structured event per connection and per DNS answer,
+//! emitted under the `gateway::audit` target with fixed field names (the
+//! journald issue will map them to `GATEWAY_*`).
+
+use std::{net::SocketAddr, time::Duration};
+
+/// How a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Relayed and closed normally (by either side).
+    Closed,
+    /// Refused by the gateway before anything went upstream.
+    Refused,
+    /// The upstream could not be reached or failed mid-stream.
+    UpstreamError,
+    /// No bytes either way for longer than the idle timeout.
+    IdleTimeout,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Closed => "closed",
+            Outcome::Refused => "refused",
+            Outcome::UpstreamError => "upstream_error",
+            Outcome::IdleTimeout => "idle_timeout",
+        }
+    }
+}
+
+/// Everything known about one connection when it ends. Fields the pipeline
+/// never reached stay empty, so every path (errors included) is audited.
+#[derive(Debug, Default, Clone)]
+pub struct ConnRecord {
+    pub session: u64,
+    pub identity: String,
+    pub subject: String,
+    pub duties: Vec<String>,
+    pub identity_source: &'static str,
+    pub cgroup: String,
+    pub pid: u32,
+    pub uid: u32,
+    pub exe: String,
+    pub client: Option<SocketAddr>,
+    pub orig_dst: Option<SocketAddr>,
+    pub host: String,
+    pub decision: &'static str,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub duration: Duration,
+}
+
+impl ConnRecord {
+    pub fn emit(&self, outcome: Outcome, reason: &str) {
+        let client = self.client.map(|a| a.to_string()).unwrap_or_default();
+        let orig_dst = self.orig_dst.map(|a| a.to_string()).unwrap_or_default();
+        tracing::info!(
+            target: "gateway::audit",
+            event = "connection",
+            session = self.session,
+            identity = %self.identity,
+            subject = %self.subject,
+            duties = %self.duties.join(","),
+            identity_source = self.identity_source,
+            cgroup = %self.cgroup,
+            pid = self.pid,
+            uid = self.uid,
+            exe = %self.exe,
+            client = %client,
+            orig_dst = %orig_dst,
+            host = %self.host,
+            decision = self.decision,
+            bytes_up = self.bytes_up,
+            bytes_down = self.bytes_down,
+            duration_ms = self.duration.as_millis() as u64,
+            outcome = outcome.as_str(),
+            reason = %reason,
+        );
+    }
+}
+
+/// One DNS query answered (or refused) by the forwarder.
+#[derive(Debug, Default, Clone)]
+pub struct DnsRecord {
+    pub identity: String,
+    pub cgroup: String,
+    pub pid: u32,
+    pub client: Option<SocketAddr>,
+    pub server: Option<SocketAddr>,
+    pub name: String,
+    pub answers: Vec<String>,
+    pub upstream: String,
+}
+
+impl DnsRecord {
+    pub fn emit(&self, outcome: &str, reason: &str) {
+        let client = self.client.map(|a| a.to_string()).unwrap_or_default();
+        let server = self.server.map(|a| a.to_string()).unwrap_or_default();
+        tracing::info!(
+            target: "gateway::audit",
+            event = "dns",
+            identity = %self.identity,
+            cgroup = %self.cgroup,
+            pid = self.pid,
+            client = %client,
+            server = %server,
+            name = %self.name,
+            answers = ?self.answers,
+            upstream = %self.upstream,
+            outcome = outcome,
+            reason = %reason,
+        );
+    }
+}

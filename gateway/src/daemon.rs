@@ -1,0 +1,280 @@
+//! `gateway run`: attach, listen, tell the kernel we are ready, serve, and
+//! on the way out tell it we are not (fail closed). The shared `State` is
+//! what every data-path task reads.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use gateway_common::{Control, FLAG_ALLOW_FOREIGN_NETNS, READY, UdpAllowKey};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    admin,
+    cgroup::{self, Resolver},
+    config::{Action, Config},
+    dns::{self, Names},
+    identity::Bindings,
+    kernel::{self, Attached, Maps},
+    proxy::{self, Registry, ip_to_words},
+};
+
+/// `SO_MARK` on the gateway's own sockets; the hooks never touch them.
+pub const SOCKET_MARK: u32 = 0x4757_0001;
+
+/// What the data path shares.
+#[derive(Debug)]
+pub struct State {
+    pub maps: Maps,
+    pub resolver: Resolver,
+    pub registry: Registry,
+    pub dns: Names,
+    pub dns_upstreams: Vec<SocketAddr>,
+    pub mark: u32,
+    pub proxy_port: u16,
+    pub dns_port: u16,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub attached: Vec<Attached>,
+    pub pin_dir: PathBuf,
+    config: RwLock<Arc<Live>>,
+}
+
+/// The parts of the config a reload (SIGHUP) may swap.
+#[derive(Debug)]
+struct Live {
+    bindings: Arc<Bindings>,
+    policy_default: Action,
+    origin: String,
+}
+
+impl State {
+    pub fn bindings(&self) -> Arc<Bindings> {
+        self.config
+            .read()
+            .map(|l| l.bindings.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn policy_default(&self) -> Action {
+        // A poisoned lock means a reload panicked; refuse rather than guess.
+        self.config
+            .read()
+            .map_or(Action::Block, |l| l.policy_default)
+    }
+}
+
+pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    let cfg = Config::load(config_path.as_deref())?;
+    tracing::info!(event = "config_loaded", origin = %cfg.origin);
+    let mount = cgroup::mount().context("finding the cgroup2 mount")?;
+
+    let mut cgroups = Vec::new();
+    for (rel, identity) in cfg.bindings() {
+        let path = mount.join(rel);
+        std::fs::create_dir_all(&path).with_context(|| {
+            format!(
+                "creating cgroup {} for identity {}",
+                path.display(),
+                identity.name
+            )
+        })?;
+        cgroups.push(path);
+    }
+    let (maps, attached) = kernel::attach(&cfg.daemon.pin_dir, &cgroups).with_context(|| {
+        format!(
+            "attaching the kernel programs (pins under {})",
+            cfg.daemon.pin_dir.display()
+        )
+    })?;
+    for a in &attached {
+        tracing::info!(
+            event = "attached",
+            cgroup = %a.path.display(),
+            cgroup_id = a.id,
+            adopted = a.adopted,
+        );
+    }
+
+    let (tcp4, tcp6, proxy_port) =
+        proxy::bind_pair_tcp(cfg.daemon.proxy_port).with_context(|| {
+            format!(
+                "binding the proxy on 127.0.0.1/::1 port {}",
+                cfg.daemon.proxy_port
+            )
+        })?;
+    let (udp4, udp6, dns_port) = dns::bind_pair_udp(cfg.daemon.dns_port).with_context(|| {
+        format!(
+            "binding the DNS forwarder on 127.0.0.1/::1 port {}",
+            cfg.daemon.dns_port
+        )
+    })?;
+
+    let dns_upstreams = if cfg.daemon.dns_upstreams.is_empty() {
+        dns::resolv_conf_upstreams()
+    } else {
+        cfg.daemon.dns_upstreams.clone()
+    };
+    if dns_upstreams.is_empty() {
+        tracing::warn!(
+            "no DNS upstream: none configured and none in /etc/resolv.conf; lookups from tagged cgroups will fail"
+        );
+    }
+    let udp_allow: Vec<UdpAllowKey> = cfg
+        .daemon
+        .udp_allow
+        .iter()
+        .map(|a| UdpAllowKey {
+            addr: ip_to_words(a.ip()),
+            port: a.port(),
+            _pad: 0,
+        })
+        .collect();
+    maps.set_udp_allow(&udp_allow)
+        .context("writing the UDP allow-list")?;
+
+    let roots = cfg
+        .identities
+        .iter()
+        .flat_map(|i| i.cgroups.clone())
+        .collect();
+    let state = Arc::new(State {
+        maps,
+        resolver: Resolver::new(mount, roots),
+        registry: Registry::default(),
+        dns: Names::default(),
+        dns_upstreams,
+        mark: SOCKET_MARK,
+        proxy_port,
+        dns_port,
+        connect_timeout: cfg.daemon.connect_timeout,
+        idle_timeout: cfg.daemon.idle_timeout,
+        attached,
+        pin_dir: cfg.daemon.pin_dir.clone(),
+        config: RwLock::new(Arc::new(Live {
+            bindings: Arc::new(Bindings::from_config(&cfg)),
+            policy_default: cfg.policy.default,
+            origin: cfg.origin.clone(),
+        })),
+    });
+
+    let admin = admin::bind(&cfg.daemon.admin_socket)?;
+    tokio::spawn(admin::serve(admin, state.clone()));
+    tokio::spawn(proxy::serve(tcp4, state.clone()));
+    if let Some(l) = tcp6 {
+        tokio::spawn(proxy::serve(l, state.clone()));
+    }
+    tokio::spawn(dns::serve(udp4, state.clone()));
+    if let Some(s) = udp6 {
+        tokio::spawn(dns::serve(s, state.clone()));
+    }
+    tokio::spawn(janitor(state.clone()));
+
+    // Only now may the kernel send traffic our way.
+    let control = Control {
+        ready: READY,
+        mark: SOCKET_MARK,
+        netns_cookie: kernel::own_netns_cookie().context("reading our network namespace cookie")?,
+        proxy_port,
+        dns_port,
+        flags: if cfg.daemon.allow_foreign_netns {
+            FLAG_ALLOW_FOREIGN_NETNS
+        } else {
+            0
+        },
+    };
+    state
+        .maps
+        .set_control(&control)
+        .context("writing the control map")?;
+    tracing::info!(
+        event = "ready",
+        proxy_port,
+        dns_port,
+        pin_dir = %cfg.daemon.pin_dir.display(),
+        admin_socket = %cfg.daemon.admin_socket.display(),
+    );
+    for (name, cg) in cfg
+        .identities
+        .iter()
+        .flat_map(|i| i.cgroups.iter().map(move |c| (&i.name, c)))
+    {
+        tracing::info!(
+            "try it: gateway exec{} --identity {name} -- curl -sI http://example.com/   (cgroup {cg})",
+            config_path
+                .as_ref()
+                .map(|p| format!(" --config {}", p.display()))
+                .unwrap_or_default()
+        );
+    }
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => reload(&state, config_path.as_deref()),
+        }
+    }
+    // Fail closed: tagged connects are refused until a daemon is ready again.
+    let not_ready = Control {
+        ready: 0,
+        ..control
+    };
+    if let Err(e) = state.maps.set_control(&not_ready) {
+        tracing::error!(error = %e, "could not mark the gateway not-ready; connects will be refused by the closed port instead");
+    }
+    let _ = std::fs::remove_file(&cfg.daemon.admin_socket);
+    tracing::info!(
+        event = "stopped",
+        "enforcement stays attached; `gateway detach` removes it"
+    );
+    Ok(())
+}
+
+/// SIGHUP: re-read the config; a bad one keeps the old in force.
+fn reload(state: &State, path: Option<&std::path::Path>) {
+    match Config::load(path) {
+        Ok(cfg) => {
+            let live = Arc::new(Live {
+                bindings: Arc::new(Bindings::from_config(&cfg)),
+                policy_default: cfg.policy.default,
+                origin: cfg.origin.clone(),
+            });
+            if let Ok(mut l) = state.config.write() {
+                *l = live;
+            }
+            tracing::info!(event = "reloaded", origin = %cfg.origin);
+        }
+        Err(e) => {
+            let origin = state
+                .config
+                .read()
+                .map(|l| l.origin.clone())
+                .unwrap_or_default();
+            tracing::error!(event = "reload_failed", error = %e, kept = %origin, "reload failed; the previous configuration stays in force");
+        }
+    }
+}
+
+/// Removes tuple records of connects that never reached `accept` (the
+/// client gave up or was reset before we saw it).
+async fn janitor(state: Arc<State>) {
+    const MAX_AGE: Duration = Duration::from_secs(60);
+    let mut tick = tokio::time::interval(Duration::from_secs(30));
+    loop {
+        tick.tick().await;
+        let removed = state
+            .maps
+            .sweep_tuples(kernel::monotonic_ns(), MAX_AGE.as_nanos() as u64);
+        if removed > 0 {
+            tracing::debug!(removed, "swept stale tuple records");
+        }
+    }
+}

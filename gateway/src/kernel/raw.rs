@@ -1,0 +1,163 @@
+//! Map access through the `bpf(2)` syscall directly: aya 0.14 has no
+//! lookup-and-delete, and the proxy wants exactly one syscall per accepted
+//! connection with no lock around a typed map.
+
+use std::{
+    io,
+    mem::{MaybeUninit, size_of},
+    os::fd::{AsRawFd, OwnedFd},
+};
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+
+/// The `bpf_attr` layout used by the element commands.
+#[repr(C)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value_or_next_key: u64,
+    flags: u64,
+}
+
+/// A map by fd. Keys and values must be `#[repr(C)]` plain data matching
+/// the kernel program's definition.
+#[derive(Debug)]
+pub struct RawMap {
+    name: &'static str,
+    fd: OwnedFd,
+}
+
+impl RawMap {
+    pub fn new(name: &'static str, fd: OwnedFd) -> Self {
+        Self { name, fd }
+    }
+
+    fn call(&self, cmd: libc::c_long, key: u64, value: u64, flags: u64) -> io::Result<()> {
+        let attr = ElemAttr {
+            map_fd: self.fd.as_raw_fd() as u32,
+            _pad: 0,
+            key,
+            value_or_next_key: value,
+            flags,
+        };
+        // SAFETY: `attr` is a valid bpf_attr prefix for this command and the
+        // pointers inside it point at live buffers of the map's sizes.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                &raw const attr,
+                size_of::<ElemAttr>() as libc::c_uint,
+            )
+        };
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    pub fn lookup<K: Copy, V: Copy>(&self, key: &K) -> Option<V> {
+        let mut v = MaybeUninit::<V>::uninit();
+        self.call(
+            BPF_MAP_LOOKUP_ELEM,
+            std::ptr::from_ref(key) as u64,
+            v.as_mut_ptr() as u64,
+            0,
+        )
+        .ok()?;
+        // SAFETY: the kernel filled all `size_of::<V>()` bytes.
+        Some(unsafe { v.assume_init() })
+    }
+
+    pub fn lookup_and_delete<K: Copy, V: Copy>(&self, key: &K) -> Option<V> {
+        let mut v = MaybeUninit::<V>::uninit();
+        self.call(
+            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+            std::ptr::from_ref(key) as u64,
+            v.as_mut_ptr() as u64,
+            0,
+        )
+        .ok()?;
+        // SAFETY: the kernel filled all `size_of::<V>()` bytes.
+        Some(unsafe { v.assume_init() })
+    }
+
+    pub fn update<K: Copy, V: Copy>(&self, key: &K, value: &V) -> io::Result<()> {
+        self.call(
+            BPF_MAP_UPDATE_ELEM,
+            std::ptr::from_ref(key) as u64,
+            std::ptr::from_ref(value) as u64,
+            0,
+        )
+        .map_err(|e| io::Error::new(e.kind(), format!("updating map {}: {e}", self.name)))
+    }
+
+    pub fn delete<K: Copy>(&self, key: &K) -> io::Result<()> {
+        self.call(BPF_MAP_DELETE_ELEM, std::ptr::from_ref(key) as u64, 0, 0)
+    }
+
+    /// All keys at the moment of the call (a snapshot; entries may come and
+    /// go meanwhile).
+    pub fn keys<K: Copy>(&self) -> Vec<K> {
+        let mut out = Vec::new();
+        let mut next = MaybeUninit::<K>::uninit();
+        let mut prev: Option<K> = None;
+        loop {
+            let key_ptr = prev.as_ref().map_or(0, |k| std::ptr::from_ref(k) as u64);
+            if self
+                .call(BPF_MAP_GET_NEXT_KEY, key_ptr, next.as_mut_ptr() as u64, 0)
+                .is_err()
+            {
+                break;
+            }
+            // SAFETY: the kernel filled the key.
+            let k = unsafe { next.assume_init() };
+            out.push(k);
+            prev = Some(k);
+            if out.len() > 1 << 22 {
+                break;
+            }
+        }
+        out
+    }
+
+    /// Sum of a per-CPU `u64` slot over every possible CPU.
+    pub fn lookup_percpu_sum(&self, index: &u32) -> u64 {
+        let cpus = possible_cpus();
+        let mut vals = vec![0u64; cpus];
+        if self
+            .call(
+                BPF_MAP_LOOKUP_ELEM,
+                std::ptr::from_ref(index) as u64,
+                vals.as_mut_ptr() as u64,
+                0,
+            )
+            .is_err()
+        {
+            return 0;
+        }
+        vals.iter().sum()
+    }
+}
+
+fn possible_cpus() -> usize {
+    std::fs::read_to_string("/sys/devices/system/cpu/possible")
+        .ok()
+        .and_then(|s| {
+            s.trim()
+                .split(',')
+                .map(|r| match r.split_once('-') {
+                    Some((_, hi)) => hi.parse::<usize>().ok(),
+                    None => r.parse::<usize>().ok(),
+                })
+                .max()
+                .flatten()
+        })
+        .map_or(1, |max| max + 1)
+}

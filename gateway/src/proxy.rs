@@ -1,0 +1,351 @@
+//! The TCP side of the data path. Each accepted connection runs the
+//! pipeline in order — origin → identity → decision → forward → audit — and
+//! the audit phase runs on every path, refusals and errors included.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use gateway_common::{OrigDst, TupleKey};
+use serde::Serialize;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+use crate::{
+    audit::{ConnRecord, Outcome},
+    config::Action,
+    daemon::State,
+    relay::{self, Counters, End},
+};
+
+// === addresses ===
+
+/// Kernel address words (network-order bytes, IPv4 mapped) to an address.
+pub fn words_to_ip(w: &[u32; 4]) -> IpAddr {
+    let mut b = [0u8; 16];
+    for (i, word) in w.iter().enumerate() {
+        b[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    let v6 = Ipv6Addr::from(b);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+pub fn ip_to_words(ip: IpAddr) -> [u32; 4] {
+    let v6 = match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(v6, |v4| v4.to_ipv6_mapped()),
+    };
+    let b = v6.octets();
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([b[i * 4], b[i * 4 + 1], b[i * 4 + 2], b[i * 4 + 3]])
+    })
+}
+
+/// The original destination of a redirected socket, as the app asked.
+pub fn orig_addr(o: &OrigDst) -> SocketAddr {
+    SocketAddr::new(words_to_ip(&o.addr), o.port)
+}
+
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+// === open connections (for `status`) ===
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OpenConn {
+    pub session: u64,
+    pub identity: String,
+    pub cgroup: String,
+    pub pid: u32,
+    pub exe: String,
+    pub orig_dst: String,
+    pub host: String,
+    pub since_unix_ms: u64,
+    #[serde(skip)]
+    pub counters: Arc<Counters>,
+}
+
+#[derive(Debug, Default)]
+pub struct Registry {
+    next: AtomicU64,
+    open: Mutex<HashMap<u64, OpenConn>>,
+}
+
+impl Registry {
+    pub fn next_session(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Sessions started since the daemon started.
+    pub fn total(&self) -> u64 {
+        self.next.load(Ordering::Relaxed)
+    }
+
+    fn insert(&self, c: OpenConn) {
+        if let Ok(mut m) = self.open.lock() {
+            m.insert(c.session, c);
+        }
+    }
+
+    fn remove(&self, session: u64) {
+        if let Ok(mut m) = self.open.lock() {
+            m.remove(&session);
+        }
+    }
+
+    /// Snapshot with live byte counts.
+    pub fn snapshot(&self) -> Vec<serde_json::Value> {
+        let Ok(m) = self.open.lock() else {
+            return Vec::new();
+        };
+        let mut v: Vec<_> = m.values().cloned().collect();
+        v.sort_by_key(|c| c.session);
+        v.into_iter()
+            .map(|c| {
+                let mut j = serde_json::to_value(&c).unwrap_or_default();
+                j["bytes_up"] = c.counters.up.load(Ordering::Relaxed).into();
+                j["bytes_down"] = c.counters.down.load(Ordering::Relaxed).into();
+                j
+            })
+            .collect()
+    }
+}
+
+// === accept loop ===
+
+pub async fn serve(listener: TcpListener, state: Arc<State>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let state = state.clone();
+                tokio::spawn(async move { handle(stream, peer, state).await });
+            }
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// The pipeline's verdict before forwarding.
+enum Verdict {
+    Forward(SocketAddr),
+    Refuse(String),
+}
+
+async fn handle(client: TcpStream, peer: SocketAddr, state: Arc<State>) {
+    let started = Instant::now();
+    let mut rec = ConnRecord {
+        session: state.registry.next_session(),
+        client: Some(canonical(peer)),
+        decision: "none",
+        ..ConnRecord::default()
+    };
+    let verdict = decide(&client, peer, &state, &mut rec);
+    let (outcome, reason) = match verdict {
+        Verdict::Refuse(reason) => {
+            drop(client);
+            (Outcome::Refused, reason)
+        }
+        Verdict::Forward(dst) => forward(client, dst, &state, &mut rec).await,
+    };
+    rec.duration = started.elapsed();
+    rec.emit(outcome, &reason);
+}
+
+/// Phases before any byte goes upstream: where it was going, who asked,
+/// and whether it may.
+fn decide(client: &TcpStream, peer: SocketAddr, state: &State, rec: &mut ConnRecord) -> Verdict {
+    // Origin: the record sock_ops filed under this exact 4-tuple.
+    let local = match client.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            return Verdict::Refuse(format!("cannot read the accepted socket's address: {e}"));
+        }
+    };
+    let key = TupleKey {
+        client_addr: ip_to_words(peer.ip()),
+        proxy_addr: ip_to_words(local.ip()),
+        client_port: peer.port(),
+        proxy_port: local.port(),
+    };
+    let Some(orig) = state.maps.take_tuple(&key) else {
+        return Verdict::Refuse(format!(
+            "no recorded original destination for {peer}: only connections redirected from a tagged cgroup are served"
+        ));
+    };
+    let dst = orig_addr(&orig);
+    rec.orig_dst = Some(dst);
+    rec.pid = orig.pid;
+    rec.uid = orig.uid;
+    rec.exe = std::fs::read_link(format!("/proc/{}/exe", orig.pid))
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    if dst.ip().is_loopback() && (dst.port() == state.proxy_port || dst.port() == state.dns_port) {
+        return Verdict::Refuse(format!(
+            "original destination {dst} is the gateway itself; it is not a proxy to be addressed directly"
+        ));
+    }
+
+    // Identity: the nearest configured ancestor of the process's cgroup.
+    let Some(cgroup) = state.resolver.path(orig.cgroup_id, orig.pid) else {
+        return Verdict::Refuse(format!(
+            "cgroup id {} of pid {} is not inside any configured cgroup",
+            orig.cgroup_id, orig.pid
+        ));
+    };
+    rec.cgroup.clone_from(&cgroup);
+    rec.host = state
+        .dns
+        .host_for(orig.cgroup_id, dst.ip())
+        .unwrap_or_default();
+    let bindings = state.bindings();
+    let Some(identity) = bindings.lookup(&cgroup) else {
+        return Verdict::Refuse(format!("cgroup {cgroup} is not bound to an identity"));
+    };
+    rec.identity.clone_from(&identity.name);
+    rec.subject.clone_from(&identity.subject);
+    rec.duties.clone_from(&identity.duties);
+    rec.identity_source = identity.source;
+
+    // Decision: only the policy default exists until rules land.
+    match state.policy_default() {
+        Action::Allow => {
+            rec.decision = "allow";
+            Verdict::Forward(dst)
+        }
+        Action::Block => {
+            rec.decision = "block";
+            Verdict::Refuse("no rule matched and the policy default is block".into())
+        }
+    }
+}
+
+async fn forward(
+    client: TcpStream,
+    dst: SocketAddr,
+    state: &State,
+    rec: &mut ConnRecord,
+) -> (Outcome, String) {
+    let upstream = match connect_upstream(dst, state).await {
+        Ok(s) => s,
+        Err(reason) => return (Outcome::UpstreamError, reason),
+    };
+    let _ = client.set_nodelay(true);
+    let counters = Arc::new(Counters::default());
+    state.registry.insert(OpenConn {
+        session: rec.session,
+        identity: rec.identity.clone(),
+        cgroup: rec.cgroup.clone(),
+        pid: rec.pid,
+        exe: rec.exe.clone(),
+        orig_dst: dst.to_string(),
+        host: rec.host.clone(),
+        since_unix_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        counters: counters.clone(),
+    });
+    let end = relay::relay(client, upstream, state.idle_timeout, counters.clone()).await;
+    state.registry.remove(rec.session);
+    rec.bytes_up = counters.up.load(Ordering::Relaxed);
+    rec.bytes_down = counters.down.load(Ordering::Relaxed);
+    match end {
+        End::Closed => (Outcome::Closed, "closed by the peers".into()),
+        End::IdleTimeout => (
+            Outcome::IdleTimeout,
+            format!("no bytes either way for {}s", state.idle_timeout.as_secs()),
+        ),
+        End::ClientError(e) => (Outcome::Closed, format!("client went away: {e}")),
+        End::UpstreamError(e) => (
+            Outcome::UpstreamError,
+            format!("upstream {dst} failed mid-stream: {e}"),
+        ),
+    }
+}
+
+/// Connects with the gateway's mark (so its own hooks never touch it) and
+/// the configured timeout.
+async fn connect_upstream(dst: SocketAddr, state: &State) -> Result<TcpStream, String> {
+    let socket = match dst {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .map_err(|e| format!("cannot create a socket for {dst}: {e}"))?;
+    socket2::SockRef::from(&socket)
+        .set_mark(state.mark)
+        .map_err(|e| format!("cannot mark the upstream socket (needs CAP_NET_ADMIN): {e}"))?;
+    let _ = socket.set_nodelay(true);
+    match tokio::time::timeout(state.connect_timeout, socket.connect(dst)).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(format!("connecting to {dst} failed: {e}")),
+        Err(_) => Err(format!(
+            "connecting to {dst} timed out after {} ms",
+            state.connect_timeout.as_millis()
+        )),
+    }
+}
+
+/// Binds the proxy on 127.0.0.1 and ::1 at `port` (0: any free port, the
+/// same for both families). Returns the listeners and the port.
+pub fn bind_pair_tcp(port: u16) -> std::io::Result<(TcpListener, Option<TcpListener>, u16)> {
+    for _ in 0..20 {
+        let v4 = bind_tcp(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port))?;
+        let chosen = v4.local_addr()?.port();
+        match bind_tcp(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), chosen)) {
+            Ok(v6) => return Ok((v4, Some(v6), chosen)),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && port == 0 => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => {
+                tracing::warn!("IPv6 loopback unavailable; native IPv6 connects will be refused");
+                return Ok((v4, None, chosen));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        "no port free on both 127.0.0.1 and ::1",
+    ))
+}
+
+fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let s = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    s.set_reuseaddr(true)?;
+    s.bind(addr)?;
+    s.listen(4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn address_words_round_trip() {
+        for s in ["10.1.2.3", "::1", "fd00::2", "127.0.0.1"] {
+            let ip: IpAddr = s.parse().unwrap();
+            assert_eq!(words_to_ip(&ip_to_words(ip)), ip, "{s}");
+        }
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        assert_eq!(words_to_ip(&ip_to_words(mapped)).to_string(), "10.0.0.1");
+        // The kernel's v4-mapped words and ours agree.
+        let w = ip_to_words("10.1.2.3".parse().unwrap());
+        assert_eq!(
+            w,
+            gateway_common::v4_mapped(u32::from_ne_bytes([10, 1, 2, 3]))
+        );
+    }
+}
