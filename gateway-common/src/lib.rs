@@ -37,7 +37,8 @@ pub const STAT_DENIED_UDP: u32 = 4;
 pub const STAT_DENIED_NETNS: u32 = 5;
 pub const STAT_DENIED_SOCKET: u32 = 6;
 pub const STAT_DENIED_MAP_FULL: u32 = 7;
-pub const STAT_COUNT: u32 = 8;
+pub const STAT_DENIED_FAMILY: u32 = 8;
+pub const STAT_COUNT: u32 = 9;
 
 /// Names of the kernel programs, as the ELF object exports them.
 pub mod prog {
@@ -52,6 +53,8 @@ pub mod prog {
     pub const SOCK_CREATE: &str = "gw_sock_create";
     pub const SOCK_RELEASE: &str = "gw_sock_release";
     pub const SOCK_OPS: &str = "gw_sock_ops";
+    /// cgroup-scoped BPF LSM on `socket_create`: address families.
+    pub const LSM_SOCKET_CREATE: &str = "gw_lsm_socket_create";
 }
 
 /// `Control::ready`: the daemon listens and may receive redirected traffic.

@@ -18,15 +18,16 @@ use aya_ebpf::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval,
     },
-    macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops},
+    macros::{cgroup_sock, cgroup_sock_addr, lsm_cgroup, map, sock_ops},
     maps::{Array, HashMap, PerCpuArray},
-    programs::{SockAddrContext, SockContext, SockOpsContext},
+    programs::{LsmContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use gateway_common::{
     Control, FLAG_ALLOW_FOREIGN_NETNS, OrigDst, PROTO_TCP, PROTO_UDP, READY, SOCKS_MAX_ENTRIES,
-    STAT_COUNT, STAT_DENIED_MAP_FULL, STAT_DENIED_NETNS, STAT_DENIED_NOT_READY, STAT_DENIED_QUIC,
-    STAT_DENIED_SOCKET, STAT_DENIED_UDP, STAT_DNS_REDIRECTED, STAT_TCP_REDIRECTED,
-    TUPLES_MAX_ENTRIES, TupleKey, UDP_ALLOW_MAX_ENTRIES, UdpAllowKey, is_v4_mapped, v4_mapped,
+    STAT_COUNT, STAT_DENIED_FAMILY, STAT_DENIED_MAP_FULL, STAT_DENIED_NETNS, STAT_DENIED_NOT_READY,
+    STAT_DENIED_QUIC, STAT_DENIED_SOCKET, STAT_DENIED_UDP, STAT_DNS_REDIRECTED,
+    STAT_TCP_REDIRECTED, TUPLES_MAX_ENTRIES, TupleKey, UDP_ALLOW_MAX_ENTRIES, UdpAllowKey,
+    is_v4_mapped, v4_mapped,
 };
 
 const ALLOW: i32 = 1;
@@ -426,6 +427,29 @@ fn try_sock_create(ctx: &SockContext) -> i32 {
         return DENY;
     }
     ALLOW
+}
+
+/// Every socket family other than Unix, IPv4, IPv6 and netlink is refused
+/// to tagged processes: packet sockets (raw frames), vsock (to a
+/// hypervisor), XDP, CAN, Bluetooth and the rest would all bypass the inet
+/// hooks. Sockets the kernel creates for itself are left alone.
+#[lsm_cgroup(hook = "socket_create")]
+pub fn gw_lsm_socket_create(ctx: LsmContext) -> i32 {
+    const AF_UNIX: i32 = 1;
+    const AF_NETLINK: i32 = 16;
+    // socket_create(int family, int type, int protocol, int kern)
+    let (family, kern): (i32, i32) = (ctx.arg(0), ctx.arg(3));
+    if kern != 0 {
+        return ALLOW;
+    }
+    match family {
+        AF_UNIX | AF_NETLINK => ALLOW,
+        f if f == AF_INET as i32 || f == AF_INET6 as i32 => ALLOW,
+        _ => {
+            count(STAT_DENIED_FAMILY);
+            DENY
+        }
+    }
 }
 
 /// Socket release: forget its record (the map is not LRU, so nothing live

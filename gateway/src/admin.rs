@@ -112,6 +112,7 @@ fn status(state: &State) -> Value {
             "denied_netns": stats.get(5),
             "denied_socket": stats.get(6),
             "denied_map_full": stats.get(7),
+            "denied_family": stats.get(8),
         },
         "sessions_total": state.registry.total(),
     })

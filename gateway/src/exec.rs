@@ -16,6 +16,8 @@ use anyhow::{Context as _, bail};
 
 use crate::{cgroup, config::Config, kernel};
 
+mod seccomp;
+
 pub fn run(config: &Config, identity: &str, argv: &[String]) -> anyhow::Result<i32> {
     let Some(ident) = config.identity(identity) else {
         let known: Vec<_> = config.identities.iter().map(|i| i.name.as_str()).collect();
@@ -53,10 +55,11 @@ pub fn run(config: &Config, identity: &str, argv: &[String]) -> anyhow::Result<i
     )
     .context("cgroup path contains NUL")?;
 
+    let filter = seccomp::program();
     let mut cmd = Command::new(program);
     cmd.args(args);
     // SAFETY: the closure only calls async-signal-safe functions (open,
-    // write, close) on memory prepared before fork.
+    // write, close, prctl) on memory prepared before fork.
     unsafe {
         cmd.pre_exec(move || {
             let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
@@ -69,7 +72,7 @@ pub fn run(config: &Config, identity: &str, argv: &[String]) -> anyhow::Result<i
             if n != 1 {
                 return Err(err);
             }
-            Ok(())
+            seccomp::install(&filter)
         });
     }
     let status = cmd.status();

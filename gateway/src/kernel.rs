@@ -35,8 +35,11 @@ pub use raw::RawMap;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gateway-ebpf.o"));
 
-/// Every hook, by program name, in attach order.
-const HOOKS: [&str; 11] = [
+/// Every hook, by program name, in attach order. The LSM hook is optional
+/// (kernels without BPF LSM in their `lsm=` list cannot load it): the inet
+/// hooks still refuse raw inet sockets there.
+const HOOKS: [&str; 12] = [
+    prog::LSM_SOCKET_CREATE,
     prog::SOCK_CREATE,
     prog::SOCK_RELEASE,
     prog::SOCK_OPS,
@@ -246,6 +249,7 @@ pub fn attach(pin_dir: &Path, cgroups: &[PathBuf]) -> Result<(Maps, Vec<Attached
     };
 
     let mut loaded = false;
+    let mut lsm_ok = true;
     let mut attached = Vec::new();
     for cg in cgroups {
         let dir = fs::File::open(cg).map_err(|source| KernelError::Cgroup {
@@ -269,8 +273,11 @@ pub fn attach(pin_dir: &Path, cgroups: &[PathBuf]) -> Result<(Maps, Vec<Attached
             }
             adopted = false;
             if !loaded {
-                load_all(&mut ebpf, &base.join("progs"), &hash)?;
+                lsm_ok = load_all(&mut ebpf, &base.join("progs"), &hash)?;
                 loaded = true;
+            }
+            if name == prog::LSM_SOCKET_CREATE && !lsm_ok {
+                continue;
             }
             let link = attach_one(&mut ebpf, name, &dir)?;
             link.pin(&pin).map_err(|e| KernelError::Pin {
@@ -310,7 +317,10 @@ fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<RawMap, KernelError> 
     Ok(RawMap::new(name, fd))
 }
 
-fn load_all(ebpf: &mut Ebpf, progs_dir: &Path, hash: &str) -> Result<(), KernelError> {
+/// Loads and pins every program. Returns whether the optional LSM program
+/// loaded.
+fn load_all(ebpf: &mut Ebpf, progs_dir: &Path, hash: &str) -> Result<bool, KernelError> {
+    let mut lsm_ok = true;
     for name in HOOKS {
         let program = ebpf.program_mut(name).ok_or(KernelError::Program {
             name,
@@ -336,10 +346,26 @@ fn load_all(ebpf: &mut Ebpf, progs_dir: &Path, hash: &str) -> Result<(), KernelE
                 p.load().map_err(err)?;
                 p.pin(&pin).map_err(pin_err)?;
             }
+            aya::programs::Program::LsmCgroup(p) => {
+                let loaded = aya::Btf::from_sys_fs()
+                    .map_err(|e| e.to_string())
+                    .and_then(|btf| p.load("socket_create", &btf).map_err(|e| e.to_string()));
+                match loaded {
+                    Ok(()) => p.pin(&pin).map_err(pin_err)?,
+                    Err(e) => {
+                        lsm_ok = false;
+                        tracing::warn!(
+                            program = name,
+                            error = %e,
+                            "BPF LSM unavailable (add `bpf` to the kernel's lsm= list); packet, vsock and other non-inet sockets are not refused in tagged cgroups"
+                        );
+                    }
+                }
+            }
             _ => return Err(err(aya::programs::ProgramError::NotLoaded)),
         }
     }
-    Ok(())
+    Ok(lsm_ok)
 }
 
 fn attach_one(
@@ -384,6 +410,10 @@ fn attach_one(
                     path: PathBuf::from(name),
                     reason: format!("{e}"),
                 })?
+        }
+        aya::programs::Program::LsmCgroup(p) => {
+            let id = p.attach(cgroup).map_err(err)?;
+            p.take_link(id).map_err(err)?.into()
         }
         _ => return Err(err(aya::programs::ProgramError::NotLoaded)),
     };

@@ -9,6 +9,7 @@ mod dns;
 mod exec;
 mod identity;
 mod kernel;
+mod oidc;
 mod proxy;
 mod relay;
 mod sockdiag;

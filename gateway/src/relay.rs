@@ -102,15 +102,18 @@ async fn pump(
         Side::Client => (End::ClientError, End::UpstreamError),
         Side::Upstream => (End::UpstreamError, End::ClientError),
     };
-    let mut buf = vec![0u8; BUF];
+    // Uninitialised capacity: `read_buf` fills it without zeroing first,
+    // which matters when connections are short.
+    let mut buf = Vec::with_capacity(BUF);
     loop {
-        let n = from.read(&mut buf).await.map_err(read_err)?;
+        buf.clear();
+        let n = from.read_buf(&mut buf).await.map_err(read_err)?;
         if n == 0 {
             // Pass the half-close on; the other direction keeps flowing.
             let _ = to.shutdown().await;
             return Ok(());
         }
-        to.write_all(&buf[..n]).await.map_err(write_err)?;
+        to.write_all(&buf).await.map_err(write_err)?;
         count.fetch_add(n as u64, Ordering::Relaxed);
         last_ms.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
