@@ -45,6 +45,8 @@ pub struct ConnRecord {
     pub orig_dst: Option<SocketAddr>,
     pub host: String,
     pub decision: &'static str,
+    /// The rule that decided, or `default`.
+    pub rule: String,
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub duration: Duration,
@@ -70,6 +72,7 @@ impl ConnRecord {
             orig_dst = %orig_dst,
             host = %self.host,
             decision = self.decision,
+            rule = %self.rule,
             bytes_up = self.bytes_up,
             bytes_down = self.bytes_down,
             duration_ms = self.duration.as_millis() as u64,

@@ -12,6 +12,8 @@ use std::{
 
 use serde::Deserialize;
 
+use crate::policy::{Policy, RawRule};
+
 /// Where `gateway run` looks when no `--config` is given.
 pub const DEFAULT_PATH: &str = "/etc/gateway/gateway.toml";
 
@@ -105,6 +107,8 @@ struct RawStatic {
 struct RawPolicy {
     version: u32,
     default: Action,
+    #[serde(default, rename = "rule")]
+    rules: Vec<RawRule>,
 }
 
 impl Default for RawPolicy {
@@ -112,6 +116,7 @@ impl Default for RawPolicy {
         Self {
             version: 1,
             default: Action::Block,
+            rules: Vec::new(),
         }
     }
 }
@@ -174,12 +179,6 @@ pub enum IdentitySource {
         subject: String,
         duties: Vec<String>,
     },
-}
-
-#[derive(Debug, Clone)]
-pub struct Policy {
-    pub version: u32,
-    pub default: Action,
 }
 
 impl Config {
@@ -328,14 +327,8 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             source,
         });
     }
-    // Nested bindings are allowed (the nearest ancestor wins), but one
-    // cgroup inside another of the *same* identity is just a mistake.
-    if raw.policy.version != 1 {
-        return Err(invalid(format!(
-            "policy.version {} is not supported; this gateway reads version = 1",
-            raw.policy.version
-        )));
-    }
+    let policy = Policy::build(raw.policy.version, raw.policy.default, raw.policy.rules)
+        .map_err(|m| invalid(format!("policy: {m}")))?;
     Ok(Config {
         origin: origin.to_string(),
         daemon: Daemon {
@@ -351,10 +344,7 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             idle_timeout: Duration::from_secs(d.idle_timeout_secs),
         },
         identities,
-        policy: Policy {
-            version: raw.policy.version,
-            default: raw.policy.default,
-        },
+        policy,
     })
 }
 

@@ -20,7 +20,8 @@ use crate::{
     dns::{self, Names},
     identity::Bindings,
     kernel::{self, Attached, Maps},
-    proxy::{self, Registry, ip_to_words},
+    policy::Policy,
+    proxy::{self, Exes, Registry, ip_to_words},
 };
 
 /// `SO_MARK` on the gateway's own sockets; the hooks never touch them.
@@ -32,6 +33,7 @@ pub struct State {
     pub maps: Maps,
     pub resolver: Resolver,
     pub registry: Registry,
+    pub exes: Exes,
     pub dns: Names,
     pub dns_upstreams: Vec<SocketAddr>,
     pub mark: u32,
@@ -48,7 +50,7 @@ pub struct State {
 #[derive(Debug)]
 struct Live {
     bindings: Arc<Bindings>,
-    policy_default: Action,
+    policy: Arc<Policy>,
     origin: String,
 }
 
@@ -60,11 +62,12 @@ impl State {
             .unwrap_or_default()
     }
 
-    pub fn policy_default(&self) -> Action {
+    pub fn policy(&self) -> Arc<Policy> {
         // A poisoned lock means a reload panicked; refuse rather than guess.
-        self.config
-            .read()
-            .map_or(Action::Block, |l| l.policy_default)
+        self.config.read().map_or_else(
+            |_| Arc::new(Policy::default_only(Action::Block)),
+            |l| l.policy.clone(),
+        )
     }
 }
 
@@ -146,6 +149,7 @@ pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         maps,
         resolver: Resolver::new(mount, roots),
         registry: Registry::default(),
+        exes: Exes::default(),
         dns: Names::default(),
         dns_upstreams,
         mark: SOCKET_MARK,
@@ -157,7 +161,7 @@ pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         pin_dir: cfg.daemon.pin_dir.clone(),
         config: RwLock::new(Arc::new(Live {
             bindings: Arc::new(Bindings::from_config(&cfg)),
-            policy_default: cfg.policy.default,
+            policy: Arc::new(cfg.policy.clone()),
             origin: cfg.origin.clone(),
         })),
     });
@@ -244,7 +248,7 @@ fn reload(state: &State, path: Option<&std::path::Path>) {
         Ok(cfg) => {
             let live = Arc::new(Live {
                 bindings: Arc::new(Bindings::from_config(&cfg)),
-                policy_default: cfg.policy.default,
+                policy: Arc::new(cfg.policy.clone()),
                 origin: cfg.origin.clone(),
             });
             if let Ok(mut l) = state.config.write() {

@@ -1,7 +1,7 @@
 //! Who opened a socket: the identity bound to the nearest configured
 //! ancestor of the process's cgroup.
 
-use std::sync::Arc;
+use std::{collections::BTreeMap, sync::Arc};
 
 use crate::config::{Config, IdentitySource};
 
@@ -13,6 +13,8 @@ pub struct Identity {
     pub duties: Vec<String>,
     /// `static`, for development identities written in the config.
     pub source: &'static str,
+    /// Claims as strings, for policy `claims` conditions and the audit.
+    pub claims: BTreeMap<String, String>,
 }
 
 /// cgroup path → identity, built from the config.
@@ -33,6 +35,7 @@ impl Bindings {
                     subject: subject.clone(),
                     duties: duties.clone(),
                     source: "static",
+                    claims: BTreeMap::from([("sub".to_string(), subject.clone())]),
                 },
             });
             for cg in &id.cgroups {

@@ -10,6 +10,7 @@ mod exec;
 mod identity;
 mod kernel;
 mod oidc;
+mod policy;
 mod proxy;
 mod relay;
 mod sockdiag;

@@ -20,6 +20,7 @@ use crate::{
     audit::{ConnRecord, Outcome},
     config::Action,
     daemon::State,
+    policy::{Destination, Subject},
     relay::{self, Counters, End},
 };
 
@@ -120,14 +121,56 @@ impl Registry {
     }
 }
 
+// === executables ===
+
+/// pid → executable path, remembered briefly: a client opening many
+/// connections costs one readlink, and a pid is not reused within seconds.
+#[derive(Debug, Default)]
+pub struct Exes {
+    map: Mutex<HashMap<u32, (String, Instant)>>,
+}
+
+impl Exes {
+    const TTL: Duration = Duration::from_secs(2);
+
+    pub fn get(&self, pid: u32) -> String {
+        let now = Instant::now();
+        if let Ok(m) = self.map.lock()
+            && let Some((exe, at)) = m.get(&pid)
+            && now.duration_since(*at) < Self::TTL
+        {
+            return exe.clone();
+        }
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        if let Ok(mut m) = self.map.lock() {
+            if m.len() > 4096 {
+                m.retain(|_, (_, at)| now.duration_since(*at) < Self::TTL);
+            }
+            m.insert(pid, (exe.clone(), now));
+        }
+        exe
+    }
+}
+
 // === accept loop ===
 
 pub async fn serve(listener: TcpListener, state: Arc<State>) {
+    // Every accepted socket's local address is the listener's own (it is
+    // bound to one address), which saves a getsockname per connection.
+    let local = match listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(error = %e, "proxy listener has no address");
+            return;
+        }
+    };
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let state = state.clone();
-                tokio::spawn(async move { handle(stream, peer, state).await });
+                tokio::spawn(async move { handle(stream, peer, local, state).await });
             }
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
@@ -140,11 +183,12 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
 
 /// The pipeline's verdict before forwarding.
 enum Verdict {
-    Forward(SocketAddr),
+    /// Go ahead, with the decision's reason.
+    Forward(SocketAddr, String),
     Refuse(String),
 }
 
-async fn handle(client: TcpStream, peer: SocketAddr, state: Arc<State>) {
+async fn handle(client: TcpStream, peer: SocketAddr, local: SocketAddr, state: Arc<State>) {
     let started = Instant::now();
     let mut rec = ConnRecord {
         session: state.registry.next_session(),
@@ -152,13 +196,16 @@ async fn handle(client: TcpStream, peer: SocketAddr, state: Arc<State>) {
         decision: "none",
         ..ConnRecord::default()
     };
-    let verdict = decide(&client, peer, &state, &mut rec);
+    let verdict = decide(peer, local, &state, &mut rec);
     let (outcome, reason) = match verdict {
         Verdict::Refuse(reason) => {
             drop(client);
             (Outcome::Refused, reason)
         }
-        Verdict::Forward(dst) => forward(client, dst, &state, &mut rec).await,
+        Verdict::Forward(dst, why) => {
+            let (outcome, how) = forward(client, dst, &state, &mut rec).await;
+            (outcome, format!("{why}; {how}"))
+        }
     };
     rec.duration = started.elapsed();
     rec.emit(outcome, &reason);
@@ -166,14 +213,8 @@ async fn handle(client: TcpStream, peer: SocketAddr, state: Arc<State>) {
 
 /// Phases before any byte goes upstream: where it was going, who asked,
 /// and whether it may.
-fn decide(client: &TcpStream, peer: SocketAddr, state: &State, rec: &mut ConnRecord) -> Verdict {
+fn decide(peer: SocketAddr, local: SocketAddr, state: &State, rec: &mut ConnRecord) -> Verdict {
     // Origin: the record sock_ops filed under this exact 4-tuple.
-    let local = match client.local_addr() {
-        Ok(a) => a,
-        Err(e) => {
-            return Verdict::Refuse(format!("cannot read the accepted socket's address: {e}"));
-        }
-    };
     let key = TupleKey {
         client_addr: ip_to_words(peer.ip()),
         proxy_addr: ip_to_words(local.ip()),
@@ -189,9 +230,7 @@ fn decide(client: &TcpStream, peer: SocketAddr, state: &State, rec: &mut ConnRec
     rec.orig_dst = Some(dst);
     rec.pid = orig.pid;
     rec.uid = orig.uid;
-    rec.exe = std::fs::read_link(format!("/proc/{}/exe", orig.pid))
-        .map(|p| p.display().to_string())
-        .unwrap_or_default();
+    rec.exe = state.exes.get(orig.pid);
     if dst.ip().is_loopback() && (dst.port() == state.proxy_port || dst.port() == state.dns_port) {
         return Verdict::Refuse(format!(
             "original destination {dst} is the gateway itself; it is not a proxy to be addressed directly"
@@ -219,15 +258,28 @@ fn decide(client: &TcpStream, peer: SocketAddr, state: &State, rec: &mut ConnRec
     rec.duties.clone_from(&identity.duties);
     rec.identity_source = identity.source;
 
-    // Decision: only the policy default exists until rules land.
-    match state.policy_default() {
+    // Decision: the first matching rule, else the default.
+    let decision = state.policy().decide(
+        &Subject {
+            identity: &identity.name,
+            duties: &identity.duties,
+            claims: &identity.claims,
+        },
+        &Destination {
+            ip: dst.ip(),
+            port: dst.port(),
+            host: &rec.host,
+        },
+    );
+    rec.rule = decision.rule;
+    match decision.action {
         Action::Allow => {
             rec.decision = "allow";
-            Verdict::Forward(dst)
+            Verdict::Forward(dst, decision.reason)
         }
         Action::Block => {
             rec.decision = "block";
-            Verdict::Refuse("no rule matched and the policy default is block".into())
+            Verdict::Refuse(decision.reason)
         }
     }
 }
