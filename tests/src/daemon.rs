@@ -220,13 +220,13 @@ impl Daemon {
     pub fn wait_ready(&mut self) -> &Value {
         match self.log.wait(0, READY_TIMEOUT, |v| is_event(v, "ready")) {
             Ok(v) => self.ready = v,
+            // Drop prints the daemon's output while this panic unwinds.
             Err(e) => panic!(
-                "daemon not ready ({}) within {READY_TIMEOUT:?}\n{}",
+                "daemon not ready within {READY_TIMEOUT:?}: {}",
                 match e {
                     WaitError::Closed => "it exited",
-                    WaitError::TimedOut => "timed out",
+                    WaitError::TimedOut => "no ready event",
                 },
-                self.diagnostics()
             ),
         }
         &self.ready
@@ -400,7 +400,9 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        // GATEWAY_TESTS_VERBOSE=1 shows the daemon's output for passing
+        // tests too.
+        if std::thread::panicking() || std::env::var_os("GATEWAY_TESTS_VERBOSE").is_some() {
             eprintln!("{}", self.diagnostics());
         }
         self.kill9();

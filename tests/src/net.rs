@@ -165,6 +165,13 @@ impl TestNet {
         format!("{}2", v6_prefix(self.a, self.b)).parse().unwrap()
     }
 
+    /// `ip -n <ns> <args>`: change the namespace's links, addresses, routes.
+    pub fn ip(&self, args: &[&str]) {
+        let mut full = vec!["ip", "-n", &self.name];
+        full.extend_from_slice(args);
+        run(&full).unwrap_or_else(|e| panic!("{e}"));
+    }
+
     /// Spawn `cmd` inside the namespace (the child `setns`es before exec).
     pub fn spawn_in_ns(&self, mut cmd: Command) -> Child {
         let fd = self.ns_file.as_raw_fd();

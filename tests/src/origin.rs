@@ -167,6 +167,21 @@ impl DnsOrigin {
         &self.server.log
     }
 
+    /// Wait for a logged query matching `pred`.
+    pub fn wait_query(&self, pred: impl Fn(&Value) -> bool) -> Value {
+        self.server
+            .log
+            .wait(0, Duration::from_secs(10), |v| {
+                v.get("query").is_some() && pred(v)
+            })
+            .unwrap_or_else(|e| {
+                panic!(
+                    "DNS origin saw no matching query ({e:?}); its log: {}",
+                    self.server.log.tail(30)
+                )
+            })
+    }
+
     /// Query lines logged so far.
     pub fn queries(&self) -> Vec<Value> {
         self.server

@@ -96,6 +96,14 @@ impl World {
         format!("/{}", self.daemon.config().identities[0].cgroups[0])
     }
 
+    /// The kernel programs' counters, as `gateway status --json` reports
+    /// them: the gateway's own record of what its hooks refused.
+    fn counter(&self, name: &str) -> u64 {
+        let status = self.daemon.status_json();
+        num(&status["kernel_counters"], name)
+            .unwrap_or_else(|| panic!("status has no kernel_counters.{name}: {status}"))
+    }
+
     fn probe_exe(&self) -> String {
         std::fs::canonicalize(self.probe.path())
             .unwrap()
@@ -114,6 +122,24 @@ fn sa(s: &str) -> SocketAddr {
 fn canon(s: &str) -> SocketAddr {
     let a = sa(s);
     SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+/// A list field: a JSON array, or (tracing cannot log arrays) a string
+/// holding one.
+fn string_list(v: &Value) -> Vec<String> {
+    let decoded;
+    let arr = match v {
+        Value::String(s) => {
+            decoded = serde_json::from_str::<Value>(s).unwrap_or(Value::Null);
+            &decoded
+        }
+        other => other,
+    };
+    arr.as_array()
+        .unwrap_or_else(|| panic!("{v} is not a list"))
+        .iter()
+        .map(|x| x.as_str().unwrap_or_default().to_owned())
+        .collect()
 }
 
 fn exit_code(run: &ProbeRun) -> Option<i32> {
@@ -333,6 +359,7 @@ fn udp_443_and_other_udp_fail_with_eperm_unless_allowed() {
     });
     let quic4 = w.v4(443).to_string();
     let quic6 = w.v6(443).to_string();
+    let (quic0, udp0) = (w.counter("denied_quic"), w.counter("denied_udp"));
     let run = w.tagged(&["udp", &quic4, "--connect"]);
     assert_eperm_at_once(&run, "UDP connect to :443");
     assert_eq!(text(&run.json, "stage"), "connect", "{:?}", run.json);
@@ -350,6 +377,14 @@ fn udp_443_and_other_udp_fail_with_eperm_unless_allowed() {
     assert_eperm_at_once(
         &w.tagged(&["udp", &other, "--connect"]),
         "UDP connect to a port not allowed",
+    );
+    assert_eq!(
+        (
+            w.counter("denied_quic") - quic0,
+            w.counter("denied_udp") - udp0
+        ),
+        (4, 2),
+        "the gateway's counters must record each refusal (QUIC, other UDP)"
     );
 
     // The same datagrams go out from outside the cgroup: EPERM is the gateway's.
@@ -406,19 +441,16 @@ fn dns_goes_through_the_forwarder_and_names_the_host_of_later_connections() {
     assert_eq!(text(&ev, "identity"), "t1", "{ev}");
     assert_eq!(text(&ev, "cgroup"), text(&r, "cgroup"), "{ev}");
     assert_eq!(text(&ev, "upstream"), upstream, "{ev}");
-    assert!(
-        ev["answers"]
-            .as_array()
-            .is_some_and(|a| a.iter().any(|x| x == &w.net.ns_v4().to_string())),
-        "{ev}"
+    assert_eq!(
+        string_list(&ev["answers"]),
+        vec![w.net.ns_v4().to_string()],
+        "the dns event lists the answers: {ev}"
     );
-    let queries = w.dns.as_ref().unwrap().queries();
-    assert!(
-        queries
-            .iter()
-            .any(|q| q["query"] == NAME
-                && canon(&text(q, "peer")).ip() == IpAddr::from(w.net.host_v4())),
-        "the upstream must have been asked by the forwarder, from the host: {queries:?}"
+    let q = w.dns.as_ref().unwrap().wait_query(|q| q["query"] == NAME);
+    assert_eq!(
+        canon(&text(&q, "peer")).ip(),
+        IpAddr::from(w.net.host_v4()),
+        "the upstream must have been asked by the forwarder, from the host: {q}"
     );
 
     // Over IPv6 the reply also shows the server asked.
@@ -452,6 +484,7 @@ fn raw_and_ping_sockets_are_refused_in_the_cgroup() {
         control["raw4"]["ok"], true,
         "root outside the cgroup can open raw sockets: {control}"
     );
+    let denied0 = w.counter("denied_socket");
     let run = w.tagged(&["raw"]);
     let r = &run.json;
     assert_eq!(text(&r["raw4"], "error"), "EPERM", "AF_INET SOCK_RAW: {r}");
@@ -463,6 +496,10 @@ fn raw_and_ping_sockets_are_refused_in_the_cgroup() {
             assert_eq!(text(&r[ping], "error"), "EPERM", "{ping}: {r}");
         }
     }
+    assert!(
+        w.counter("denied_socket") - denied0 >= 2,
+        "the gateway's counters must record the refused raw sockets"
+    );
 }
 
 #[test]
@@ -478,6 +515,7 @@ fn a_process_entering_another_network_namespace_cannot_connect() {
     let control = w.untagged(&["netns-connect", &target]).json;
     assert_eq!(control["socket"]["ok"], true, "{control}");
     assert_ne!(text(&control["connect"], "error"), "EPERM", "{control}");
+    let netns0 = w.counter("denied_netns");
     let r = w.tagged(&["netns-connect", &target]).json;
     assert_eq!(
         r["enter"]["ok"], true,
@@ -486,6 +524,11 @@ fn a_process_entering_another_network_namespace_cannot_connect() {
     assert!(
         refused(&r),
         "inet socket/connect in a new netns must fail with EPERM: {r}"
+    );
+    let netns1 = w.counter("denied_netns");
+    assert!(
+        netns1 > netns0,
+        "the gateway's counters must record the refusal"
     );
 
     // A namespace with a route to the origin (the test namespace itself):
@@ -501,6 +544,10 @@ fn a_process_entering_another_network_namespace_cannot_connect() {
     assert!(
         refused(&r),
         "connect from the cgroup inside the origin's netns must fail with EPERM: {r}"
+    );
+    assert!(
+        w.counter("denied_netns") > netns1,
+        "the gateway's counters must record the refusal"
     );
     w.origin.assert_nothing_since(mark, FIRST_PORT);
 }
@@ -547,6 +594,66 @@ fn kill_9_fails_closed_fast_and_restart_recovers_the_same_cgroup() {
     assert_eq!(sa(&text(&after, "peer")), target, "{after}");
     let ev = w.daemon.wait_connection(pid, FIRST_PORT);
     assert_eq!(text(&ev, "cgroup"), cg, "{ev}");
+}
+
+#[test]
+fn refused_upstream_becomes_a_clean_close_and_is_audited() {
+    let w = World::new();
+    // Nothing listens on port 1 in the namespace: the origin answers RST.
+    // Once with a silent client, once with one that sent a request first
+    // (as every HTTP client does).
+    let target = w.v4(1).to_string();
+    for args in [
+        vec!["tcp", &target],
+        vec!["tcp", &target, "--send", "anyone?"],
+    ] {
+        let run = w.tagged(&args);
+        let r = &run.json;
+        let ev = w.daemon.wait_connection(run.pid(), 1);
+        assert_eq!(text(&ev, "outcome"), "upstream_error", "{ev}");
+        assert_eq!(num(&ev, "bytes_down"), Some(0), "{ev}");
+        assert_eq!(
+            r["ok"],
+            true,
+            "`gw-probe {}`: the client must see a clean close, not an error: {r}",
+            args.join(" ")
+        );
+        assert_eq!(text(r, "received"), "", "{r}");
+    }
+}
+
+#[test]
+fn upstream_connect_timeout_becomes_a_clean_close_and_is_audited() {
+    const TIMEOUT_MS: u64 = 300;
+    let w = World::with(false, |mut c, _| {
+        c.connect_timeout_ms = TIMEOUT_MS;
+        c
+    });
+    // The origin's SYN-ACKs to the host vanish: the handshake never completes.
+    let host = format!("{}/32", w.net.host_v4());
+    w.net.ip(&["route", "add", "blackhole", &host]);
+    let mark = w.origin.mark();
+    let target = w.v4(FIRST_PORT);
+    let run = w.tagged(&["tcp", &target.to_string(), "--send", "hello?"]);
+    let r = &run.json;
+    let ev = w.daemon.wait_connection(run.pid(), FIRST_PORT);
+    assert_eq!(text(&ev, "outcome"), "upstream_error", "{ev}");
+    assert!(
+        num(&ev, "duration_ms").is_some_and(|d| d >= TIMEOUT_MS - 50),
+        "the gateway must have waited connect_timeout_ms={TIMEOUT_MS}: {ev}"
+    );
+    assert_eq!(
+        r["ok"], true,
+        "the client must see a clean close, not an error: {r}"
+    );
+    assert_eq!(text(r, "received"), "", "{r}");
+    let ms = r["elapsed_ms"].as_f64().unwrap();
+    assert!(
+        ms < (TIMEOUT_MS * 5) as f64,
+        "the close must come soon after connect_timeout_ms={TIMEOUT_MS}, took {ms} ms: {r}"
+    );
+    w.net.ip(&["route", "del", "blackhole", &host]);
+    w.origin.assert_nothing_since(mark, FIRST_PORT);
 }
 
 #[test]
@@ -664,10 +771,25 @@ fn detach_ends_enforcement_even_with_the_daemon_down() {
 
     let mark = w.origin.mark();
     let direct = repl.send(&format!("tcp {target} direct"));
-    assert_eq!(
-        direct["ok"], true,
-        "after detach the cgroup connects direct: {direct}"
-    );
+    if direct["ok"] != true {
+        // Say whether enforcement ended late or not at all.
+        let started = std::time::Instant::now();
+        let later = gateway_tests::poll(Duration::from_secs(3), || {
+            let r = repl.send(&format!("tcp {target} later"));
+            (r["ok"] == true).then(|| started.elapsed())
+        });
+        panic!(
+            "right after `gateway detach` returned, a connect from the cgroup must go direct, \
+             got {direct}; it went direct {}",
+            match later {
+                Some(t) => format!(
+                    "only {} ms later (detach returns before the kernel lets go)",
+                    t.as_millis()
+                ),
+                None => "not even 3 s later".into(),
+            }
+        );
+    }
     let acc = w
         .origin
         .wait_accepted(mark, |v| v["accepted"] == FIRST_PORT);
