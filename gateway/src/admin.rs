@@ -49,14 +49,15 @@ pub async fn serve(listener: UnixListener, state: Arc<State>) {
 async fn session(stream: UnixStream, state: &State) -> std::io::Result<()> {
     // Root only, whatever the file mode says.
     let cred = stream.peer_cred()?;
+    let refusal = caller_refusal(cred.uid(), cred.pid(), state);
     let (r, mut w) = stream.into_split();
     let mut lines = BufReader::new(r).lines();
     while let Some(line) = lines.next_line().await? {
-        let reply = if cred.uid() != 0 {
-            json!({"error": "the admin socket is for root only"})
+        let reply = if let Some(why) = &refusal {
+            json!({"error": why})
         } else {
             match serde_json::from_str::<Value>(&line) {
-                Ok(req) => handle(&req, state),
+                Ok(req) => handle(&req, state).await,
                 Err(e) => json!({"error": format!("request is not JSON: {e}")}),
             }
         };
@@ -67,16 +68,79 @@ async fn session(stream: UnixStream, state: &State) -> std::io::Result<()> {
     Ok(())
 }
 
-fn handle(req: &Value, state: &State) -> Value {
+/// Root only, and never a process inside a tagged cgroup: a job must not
+/// be able to enroll or change an identity, its own or another's.
+fn caller_refusal(uid: u32, pid: Option<i32>, state: &State) -> Option<String> {
+    if uid != 0 {
+        return Some("the admin socket is for root only".into());
+    }
+    let Some(pid) = pid else {
+        return Some("cannot tell which process is calling; refused".into());
+    };
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let path = cgroup.lines().find_map(|l| l.strip_prefix("0::"))?.trim();
+    state.identities.binding(path).map(|(_, b)| {
+        format!(
+            "refused: the caller runs inside tagged cgroup {path} (identity {}); the admin socket serves only processes outside enforcement",
+            b.config.name
+        )
+    })
+}
+
+async fn handle(req: &Value, state: &State) -> Value {
     match req.get("cmd").and_then(Value::as_str) {
         Some("status") => status(state),
+        Some("enroll") => enroll(req, state).await,
         Some(other) => json!({"error": format!("unknown command {other:?}")}),
         None => json!({"error": "missing \"cmd\""}),
     }
 }
 
+async fn enroll(req: &Value, state: &State) -> Value {
+    let (Some(cgroup), Some(token)) = (
+        req.get("cgroup").and_then(Value::as_str),
+        req.get("token").and_then(Value::as_str),
+    ) else {
+        return json!({"error": "enroll needs \"cgroup\" and \"token\""});
+    };
+    let cgroup = format!("/{}", cgroup.trim_matches('/'));
+    let token = token.trim();
+    let dir = state.resolver.mount().join(cgroup.trim_start_matches('/'));
+    let result = if dir.is_dir() {
+        state.identities.enroll(&cgroup, token).await
+    } else {
+        Err(format!(
+            "cgroup {cgroup} does not exist ({})",
+            dir.display()
+        ))
+    };
+    match result {
+        Ok(i) => {
+            let expires = i
+                .expires_at
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_secs());
+            tracing::info!(
+                target: "gateway::audit",
+                event = "enroll",
+                cgroup = %cgroup,
+                identity = %i.name,
+                subject = %i.subject,
+                duties = %i.duties.join(","),
+                claims = %serde_json::to_string(&i.claims).unwrap_or_default(),
+                expires_at_unix = expires,
+                outcome = "enrolled",
+            );
+            json!({"enrolled": cgroup, "identity": i.name, "subject": i.subject, "duties": i.duties, "expires_at_unix": expires})
+        }
+        Err(reason) => {
+            tracing::info!(target: "gateway::audit", event = "enroll", cgroup = %cgroup, outcome = "refused", reason = %reason);
+            json!({"error": reason})
+        }
+    }
+}
+
 fn status(state: &State) -> Value {
-    let bindings = state.bindings();
     let cgroups: Vec<Value> = state
         .attached
         .iter()
@@ -89,7 +153,7 @@ fn status(state: &State) -> Value {
             json!({
                 "path": rel,
                 "id": a.id,
-                "identity": bindings.lookup(&rel).map(|i| i.name.clone()),
+                "identity": state.identities.binding(&rel).map(|(_, b)| b.config.name.clone()),
                 "adopted": a.adopted,
             })
         })
@@ -103,6 +167,7 @@ fn status(state: &State) -> Value {
         "cgroups": cgroups,
         "pins": kernel::pins(&state.pin_dir).iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
         "connections": state.registry.snapshot(),
+        "identities": state.identities.status(),
         "kernel_counters": {
             "tcp_redirected": stats.first(),
             "dns_redirected": stats.get(1),

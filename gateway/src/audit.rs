@@ -2,7 +2,7 @@
 //! emitted under the `gateway::audit` target with fixed field names (the
 //! journald issue will map them to `GATEWAY_*`).
 
-use std::{net::SocketAddr, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 /// How a connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +37,8 @@ pub struct ConnRecord {
     pub subject: String,
     pub duties: Vec<String>,
     pub identity_source: &'static str,
+    /// Scalar claims of the identity's token (sub, repository, ref, …).
+    pub claims: BTreeMap<String, String>,
     pub cgroup: String,
     pub pid: u32,
     pub uid: u32,
@@ -64,6 +66,7 @@ impl ConnRecord {
             subject = %self.subject,
             duties = %self.duties.join(","),
             identity_source = self.identity_source,
+            claims = %serde_json::to_string(&self.claims).unwrap_or_default(),
             cgroup = %self.cgroup,
             pid = self.pid,
             uid = self.uid,

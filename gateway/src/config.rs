@@ -3,7 +3,7 @@
 //! the daemon uses. Errors name the file, line and column and say what to do.
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashSet},
     fmt,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
@@ -12,7 +12,10 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::policy::{Policy, RawRule};
+use crate::{
+    oidc::{Alg, ClientCredentials, Secret, TrustedIssuer},
+    policy::{Policy, RawRule},
+};
 
 /// Where `gateway run` looks when no `--config` is given.
 pub const DEFAULT_PATH: &str = "/etc/gateway/gateway.toml";
@@ -47,6 +50,8 @@ pub enum ConfigError {
 struct RawConfig {
     #[serde(default)]
     daemon: RawDaemon,
+    #[serde(default, rename = "trusted_issuer")]
+    trusted_issuers: Vec<RawTrustedIssuer>,
     #[serde(default, rename = "identity")]
     identities: Vec<RawIdentity>,
     #[serde(default)]
@@ -87,11 +92,52 @@ impl Default for RawDaemon {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawTrustedIssuer {
+    issuer: String,
+    audiences: Vec<String>,
+    #[serde(default)]
+    algorithms: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawIdentity {
     name: String,
     cgroups: Vec<String>,
     #[serde(rename = "static")]
     static_: Option<RawStatic>,
+    client_credentials: Option<RawClientCredentials>,
+    enrolled: Option<RawEnrolled>,
+    #[serde(default = "default_groups_claim")]
+    groups_claim: String,
+    #[serde(default)]
+    duty_mapping: BTreeMap<String, Vec<String>>,
+}
+
+fn default_groups_claim() -> String {
+    "groups".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClientCredentials {
+    issuer: String,
+    client_id: String,
+    client_secret_file: Option<PathBuf>,
+    /// Name of a systemd credential (`LoadCredential=`), read from
+    /// `$CREDENTIALS_DIRECTORY/<name>`.
+    client_secret_credential: Option<String>,
+    #[serde(default)]
+    scopes: Vec<String>,
+    audience: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEnrolled {
+    /// Which trusted issuers may enroll jobs here; empty: any of them.
+    #[serde(default)]
+    issuers: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -145,6 +191,8 @@ pub struct Config {
     /// Where it came from: a file path or `<embedded default>`.
     pub origin: String,
     pub daemon: Daemon,
+    /// Issuers whose tokens may enroll jobs and (later) approve.
+    pub trusted_issuers: Vec<TrustedIssuer>,
     pub identities: Vec<Identity>,
     pub policy: Policy,
 }
@@ -170,6 +218,10 @@ pub struct Identity {
     /// Paths relative to the cgroup2 mount, without leading or trailing `/`.
     pub cgroups: Vec<String>,
     pub source: IdentitySource,
+    /// Claim whose values become duties (OIDC sources).
+    pub groups_claim: String,
+    /// Claim value → duties; empty: every value is a duty as-is.
+    pub duty_mapping: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Clone)]
@@ -179,6 +231,21 @@ pub enum IdentitySource {
         subject: String,
         duties: Vec<String>,
     },
+    /// The gateway gets its own tokens from the issuer and refreshes them.
+    ClientCredentials(ClientCredentials),
+    /// Each job's cgroup below gets the identity of the token it enrolls
+    /// with (`gateway enroll`); `issuers` restricts the trusted issuers.
+    Enrolled { issuers: Vec<String> },
+}
+
+impl IdentitySource {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            IdentitySource::Static { .. } => "static",
+            IdentitySource::ClientCredentials(_) => "client_credentials",
+            IdentitySource::Enrolled { .. } => "enrolled",
+        }
+    }
 }
 
 impl Config {
@@ -268,6 +335,37 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
         ));
     }
 
+    let mut trusted_issuers: Vec<TrustedIssuer> = Vec::new();
+    for t in raw.trusted_issuers {
+        if !(t.issuer.starts_with("https://") || t.issuer.starts_with("http://")) {
+            return Err(invalid(format!(
+                "trusted_issuer {:?} must be the issuer URL exactly as tokens carry it in `iss`",
+                t.issuer
+            )));
+        }
+        if t.audiences.is_empty() {
+            return Err(invalid(format!(
+                "trusted_issuer {:?} needs at least one audience, so tokens minted for other services are refused",
+                t.issuer
+            )));
+        }
+        let mut ti = TrustedIssuer::new(t.issuer.clone(), t.audiences);
+        if !t.algorithms.is_empty() {
+            ti.algorithms = t
+                .algorithms
+                .iter()
+                .map(|a| a.parse::<Alg>())
+                .collect::<Result<_, _>>()
+                .map_err(|e| invalid(format!("trusted_issuer {:?}: {e}", t.issuer)))?;
+        }
+        if trusted_issuers.iter().any(|x| x.issuer == ti.issuer) {
+            return Err(invalid(format!(
+                "trusted_issuer {:?} is listed twice",
+                ti.issuer
+            )));
+        }
+        trusted_issuers.push(ti);
+    }
     let mut names = HashSet::new();
     let mut cgroups = HashSet::new();
     let mut identities = Vec::new();
@@ -303,21 +401,47 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             }
             paths.push(path);
         }
-        let source = match raw.static_ {
-            Some(s) if !s.subject.is_empty() => IdentitySource::Static {
-                subject: s.subject,
-                duties: s.duties,
-            },
-            Some(_) => {
+        let name = raw.name.clone();
+        let source = match (raw.static_, raw.client_credentials, raw.enrolled) {
+            (Some(st), None, None) => {
+                if st.subject.is_empty() {
+                    return Err(invalid(format!(
+                        "identity {name:?}: static.subject must not be empty"
+                    )));
+                }
+                IdentitySource::Static {
+                    subject: st.subject,
+                    duties: st.duties,
+                }
+            }
+            (None, Some(cc), None) => IdentitySource::ClientCredentials(
+                client_credentials(cc).map_err(|m| invalid(format!("identity {name:?}: {m}")))?,
+            ),
+            (None, None, Some(en)) => {
+                for i in &en.issuers {
+                    if !trusted_issuers.iter().any(|t| &t.issuer == i) {
+                        return Err(invalid(format!(
+                            "identity {name:?}: enrolled.issuers names {i:?}, which is not a [[trusted_issuer]]; add it there first"
+                        )));
+                    }
+                }
+                if trusted_issuers.is_empty() {
+                    return Err(invalid(format!(
+                        "identity {name:?} takes enrolled job tokens but no [[trusted_issuer]] is configured to verify them"
+                    )));
+                }
+                IdentitySource::Enrolled {
+                    issuers: en.issuers,
+                }
+            }
+            (None, None, None) => {
                 return Err(invalid(format!(
-                    "identity {:?}: static.subject must not be empty",
-                    raw.name
+                    "identity {name:?} has no source; add one of static = {{ subject = \"...\", duties = [...] }}, client_credentials = {{ ... }} or enrolled = {{}}"
                 )));
             }
-            None => {
+            _ => {
                 return Err(invalid(format!(
-                    "identity {:?} has no source; add static = {{ subject = \"...\", duties = [...] }}",
-                    raw.name
+                    "identity {name:?} has more than one source; keep exactly one of static, client_credentials, enrolled"
                 )));
             }
         };
@@ -325,6 +449,8 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             name: raw.name,
             cgroups: paths,
             source,
+            groups_claim: raw.groups_claim,
+            duty_mapping: raw.duty_mapping,
         });
     }
     let policy = Policy::build(raw.policy.version, raw.policy.default, raw.policy.rules)
@@ -343,8 +469,50 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             connect_timeout: Duration::from_millis(d.connect_timeout_ms),
             idle_timeout: Duration::from_secs(d.idle_timeout_secs),
         },
+        trusted_issuers,
         identities,
         policy,
+    })
+}
+
+fn client_credentials(cc: RawClientCredentials) -> Result<ClientCredentials, String> {
+    let secret = match (&cc.client_secret_file, &cc.client_secret_credential) {
+        (Some(path), None) => std::fs::read_to_string(path).map_err(|e| {
+            format!(
+                "client_credentials.client_secret_file {}: {e}",
+                path.display()
+            )
+        })?,
+        (None, Some(name)) => {
+            let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| {
+                format!("client_credentials.client_secret_credential {name:?}: $CREDENTIALS_DIRECTORY is not set (use LoadCredential= in the unit, or client_secret_file)")
+            })?;
+            let path = PathBuf::from(dir).join(name);
+            std::fs::read_to_string(&path)
+                .map_err(|e| format!("credential {}: {e}", path.display()))?
+        }
+        _ => {
+            return Err(
+                "client_credentials needs exactly one of client_secret_file or client_secret_credential".into(),
+            );
+        }
+    };
+    let secret = secret.trim_end_matches(['\n', '\r']).to_string();
+    if secret.is_empty() {
+        return Err("client_credentials: the client secret is empty".into());
+    }
+    if !(cc.issuer.starts_with("https://") || cc.issuer.starts_with("http://")) {
+        return Err(format!(
+            "client_credentials.issuer {:?} must be the issuer URL",
+            cc.issuer
+        ));
+    }
+    Ok(ClientCredentials {
+        issuer: cc.issuer,
+        client_id: cc.client_id,
+        client_secret: Secret::new(secret),
+        scopes: cc.scopes,
+        audience: cc.audience,
     })
 }
 

@@ -18,7 +18,7 @@ use crate::{
     cgroup::{self, Resolver},
     config::{Action, Config},
     dns::{self, Names},
-    identity::Bindings,
+    identity::Identities,
     kernel::{self, Attached, Maps},
     policy::Policy,
     proxy::{self, Exes, Registry, ip_to_words},
@@ -42,6 +42,9 @@ pub struct State {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub attached: Vec<Attached>,
+    /// Identities are fixed for the daemon's lifetime (their token tasks
+    /// run from start); a reload swaps the policy.
+    pub identities: Arc<Identities>,
     pub pin_dir: PathBuf,
     config: RwLock<Arc<Live>>,
 }
@@ -49,19 +52,11 @@ pub struct State {
 /// The parts of the config a reload (SIGHUP) may swap.
 #[derive(Debug)]
 struct Live {
-    bindings: Arc<Bindings>,
     policy: Arc<Policy>,
     origin: String,
 }
 
 impl State {
-    pub fn bindings(&self) -> Arc<Bindings> {
-        self.config
-            .read()
-            .map(|l| l.bindings.clone())
-            .unwrap_or_default()
-    }
-
     pub fn policy(&self) -> Arc<Policy> {
         // A poisoned lock means a reload panicked; refuse rather than guess.
         self.config.read().map_or_else(
@@ -145,6 +140,8 @@ pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         .iter()
         .flat_map(|i| i.cgroups.clone())
         .collect();
+    let identities = Arc::new(Identities::from_config(&cfg));
+    identities.spawn_refreshers();
     let state = Arc::new(State {
         maps,
         resolver: Resolver::new(mount, roots),
@@ -158,9 +155,9 @@ pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         connect_timeout: cfg.daemon.connect_timeout,
         idle_timeout: cfg.daemon.idle_timeout,
         attached,
+        identities: identities.clone(),
         pin_dir: cfg.daemon.pin_dir.clone(),
         config: RwLock::new(Arc::new(Live {
-            bindings: Arc::new(Bindings::from_config(&cfg)),
             policy: Arc::new(cfg.policy.clone()),
             origin: cfg.origin.clone(),
         })),
@@ -177,6 +174,7 @@ pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         tokio::spawn(dns::serve(s, state.clone()));
     }
     tokio::spawn(janitor(state.clone()));
+    tokio::spawn(enrollment_janitor(state.clone()));
 
     // Only now may the kernel send traffic our way.
     let control = Control {
@@ -247,14 +245,13 @@ fn reload(state: &State, path: Option<&std::path::Path>) {
     match Config::load(path) {
         Ok(cfg) => {
             let live = Arc::new(Live {
-                bindings: Arc::new(Bindings::from_config(&cfg)),
                 policy: Arc::new(cfg.policy.clone()),
                 origin: cfg.origin.clone(),
             });
             if let Ok(mut l) = state.config.write() {
                 *l = live;
             }
-            tracing::info!(event = "reloaded", origin = %cfg.origin);
+            tracing::info!(event = "reloaded", origin = %cfg.origin, "policy reloaded; identity changes take effect at the next start");
         }
         Err(e) => {
             let origin = state
@@ -263,6 +260,17 @@ fn reload(state: &State, path: Option<&std::path::Path>) {
                 .map(|l| l.origin.clone())
                 .unwrap_or_default();
             tracing::error!(event = "reload_failed", error = %e, kept = %origin, "reload failed; the previous configuration stays in force");
+        }
+    }
+}
+
+/// Ends enrollments whose token expired or whose cgroup went away.
+async fn enrollment_janitor(state: Arc<State>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        for (cgroup, why) in state.identities.sweep(state.resolver.mount()) {
+            tracing::info!(target: "gateway::audit", event = "enrollment_ended", cgroup = %cgroup, reason = %why);
         }
     }
 }

@@ -192,10 +192,7 @@ fn attribute(
             )
         })?;
     rec.cgroup.clone_from(&cgroup);
-    let identity = state
-        .bindings()
-        .lookup(&cgroup)
-        .ok_or_else(|| format!("cgroup {cgroup} is not bound to an identity"))?;
+    let identity = state.identities.resolve(&cgroup)?;
     rec.identity.clone_from(&identity.name);
     Ok(orig.cgroup_id)
 }

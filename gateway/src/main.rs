@@ -59,6 +59,17 @@ enum Cmd {
         #[arg(trailing_var_arg = true, required = true)]
         command: Vec<String>,
     },
+    /// Bind a CI job's OIDC token to its cgroup (verified against the issuer's JWKS).
+    Enroll {
+        #[arg(long, env = "GATEWAY_CONFIG")]
+        config: Option<PathBuf>,
+        /// The job's cgroup, relative to the cgroup2 mount or absolute.
+        #[arg(long)]
+        cgroup: String,
+        /// File holding the job's JWT (`-` for stdin).
+        #[arg(long)]
+        token_file: PathBuf,
+    },
     /// Attached cgroups, pins and open connections.
     Status {
         #[arg(long, env = "GATEWAY_CONFIG")]
@@ -151,6 +162,47 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Enroll {
+            config,
+            cgroup,
+            token_file,
+        } => {
+            let cfg = config::Config::load(config.as_deref())?;
+            let token = if token_file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin()).context("reading the token from stdin")?
+            } else {
+                std::fs::read_to_string(&token_file)
+                    .with_context(|| format!("reading the token file {}", token_file.display()))?
+            };
+            let mount = cgroup::mount()?;
+            let rel = std::path::Path::new(&cgroup)
+                .strip_prefix(&mount)
+                .map(|p| p.display().to_string())
+                .unwrap_or(cgroup.clone());
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let reply = rt.block_on(admin::request(
+                &cfg.daemon.admin_socket,
+                &json!({"cmd": "enroll", "cgroup": rel, "token": token.trim()}),
+            ))?;
+            println!(
+                "enrolled {}: identity {} subject {} duties [{}] until {} (unix)",
+                reply["enrolled"].as_str().unwrap_or_default(),
+                reply["identity"].as_str().unwrap_or_default(),
+                reply["subject"].as_str().unwrap_or_default(),
+                reply["duties"]
+                    .as_array()
+                    .map(|d| d
+                        .iter()
+                        .filter_map(|x| x.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "))
+                    .unwrap_or_default(),
+                reply["expires_at_unix"]
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Detach { config } => {
             let cfg = config::Config::load(config.as_deref())?;
             let removed = kernel::detach(&cfg.daemon.pin_dir)
@@ -178,19 +230,58 @@ fn print_effective(cfg: &config::Config) {
         d.state_dir.display(),
         d.admin_socket.display()
     );
-    for i in &cfg.identities {
-        let config::IdentitySource::Static { subject, duties } = &i.source;
+    for t in &cfg.trusted_issuers {
         println!(
-            "identity {}: cgroups [{}], static subject {subject}, duties [{}]",
-            i.name,
-            i.cgroups.join(", "),
-            duties.join(", ")
+            "trusted issuer {}: audiences [{}], algorithms [{}]",
+            t.issuer,
+            t.audiences.join(", "),
+            t.algorithms
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
+    for i in &cfg.identities {
+        let source = match &i.source {
+            config::IdentitySource::Static { subject, duties } => {
+                format!("static subject {subject}, duties [{}]", duties.join(", "))
+            }
+            config::IdentitySource::ClientCredentials(cc) => format!(
+                "client credentials {} at {}, groups claim {:?}",
+                cc.client_id, cc.issuer, i.groups_claim
+            ),
+            config::IdentitySource::Enrolled { issuers } => format!(
+                "enrolled job tokens from {}, groups claim {:?}",
+                if issuers.is_empty() {
+                    "any trusted issuer".to_string()
+                } else {
+                    issuers.join(", ")
+                },
+                i.groups_claim
+            ),
+        };
+        println!(
+            "identity {}: cgroups [{}], {source}",
+            i.name,
+            i.cgroups.join(", ")
+        );
+        for (value, duties) in &i.duty_mapping {
+            println!(
+                "  claim value {value:?} grants duties [{}]",
+                duties.join(", ")
+            );
+        }
+    }
     println!(
-        "policy v{}: default {}",
-        cfg.policy.version, cfg.policy.default
+        "policy v{}: {} rules, first match decides, else default {}",
+        cfg.policy.version,
+        cfg.policy.rules.len(),
+        cfg.policy.default
     );
+    for r in &cfg.policy.rules {
+        println!("  rule {r}");
+    }
 }
 
 fn print_status(s: &serde_json::Value) {
@@ -207,6 +298,27 @@ fn print_status(s: &serde_json::Value) {
             "cgroup {}  id {}  identity {}",
             c["path"], c["id"], c["identity"]
         );
+    }
+    for i in s["identities"].as_array().into_iter().flatten() {
+        let who = &i["identity"];
+        println!(
+            "identity {} ({}): subject {} duties {} expires {}{}",
+            i["name"],
+            i["source"].as_str().unwrap_or_default(),
+            who["subject"],
+            who["duties"],
+            who["expires_at_unix"],
+            i["error"]
+                .as_str()
+                .map(|e| format!("  error: {e}"))
+                .unwrap_or_default()
+        );
+        for j in i["enrolled"].as_array().into_iter().flatten() {
+            println!(
+                "  enrolled {} subject {} duties {} expires {}",
+                j["cgroup"], j["subject"], j["duties"], j["expires_at_unix"]
+            );
+        }
     }
     for p in s["pins"].as_array().into_iter().flatten() {
         println!("pin {}", p.as_str().unwrap_or_default());

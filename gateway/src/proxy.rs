@@ -249,14 +249,20 @@ fn decide(peer: SocketAddr, local: SocketAddr, state: &State, rec: &mut ConnReco
         .dns
         .host_for(orig.cgroup_id, dst.ip())
         .unwrap_or_default();
-    let bindings = state.bindings();
-    let Some(identity) = bindings.lookup(&cgroup) else {
-        return Verdict::Refuse(format!("cgroup {cgroup} is not bound to an identity"));
+    let identity = match state.identities.resolve(&cgroup) {
+        Ok(i) => i,
+        Err(reason) => {
+            if let Some((_, b)) = state.identities.binding(&cgroup) {
+                rec.identity.clone_from(&b.config.name);
+            }
+            return Verdict::Refuse(reason);
+        }
     };
     rec.identity.clone_from(&identity.name);
     rec.subject.clone_from(&identity.subject);
     rec.duties.clone_from(&identity.duties);
     rec.identity_source = identity.source;
+    rec.claims = identity.claims.clone();
 
     // Decision: the first matching rule, else the default.
     let decision = state.policy().decide(
