@@ -21,7 +21,7 @@
 //!
 //! Errors never contain the token; claim values quoted in them are shortened.
 
-#![cfg_attr(not(test), allow(dead_code))]
+#![cfg_attr(not(test), allow(dead_code, unused_imports))]
 
 mod client;
 mod keys;

@@ -140,7 +140,6 @@ impl ClientCredentials {
                 // Not the body: it could hold a token.
                 E::Parse(e, _body) => format!("unparseable token response ({})", e.path()),
                 E::Other(s) => s,
-                other => error_chain(&other),
             })
         })?;
 

@@ -632,6 +632,38 @@ async fn an_unknown_kid_triggers_one_rate_limited_refetch() {
 }
 
 #[tokio::test]
+async fn stale_keys_keep_verifying_while_a_refresh_runs_in_the_background() {
+    let idp = FakeIdp::start(&jwks()).await;
+    let v = Verifier::new(
+        vec![TrustedIssuer::new(&idp.issuer, vec![AUD.to_owned()])],
+        LEEWAY,
+    )
+    .with_refetch_interval(Duration::ZERO)
+    .with_max_key_age(Duration::ZERO);
+    assert_eq!(v.leeway(), LEEWAY);
+    assert_eq!(
+        v.trusted_issuers()
+            .map(|t| t.issuer.as_str())
+            .collect::<Vec<_>>(),
+        [idp.issuer.as_str()]
+    );
+    let token = ed_token(with(claims(), json!({"iss": idp.issuer})));
+    v.verify_at(&token, at(T)).await.unwrap();
+    assert_eq!(idp.requests.load(Ordering::SeqCst), 2);
+    // The cache is already stale (max age zero): the key is used as it is,
+    // and a refresh (discovery + JWKS) follows in the background.
+    v.verify_at(&token, at(T)).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while idp.requests.load(Ordering::SeqCst) < 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no background refresh"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
 async fn an_unreachable_issuer_is_a_jwks_error_naming_the_url() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let issuer = format!("http://{}", listener.local_addr().unwrap());
