@@ -373,6 +373,21 @@ impl Daemon {
         cgroup::cgroup2_mount().join(&id.cgroups[0])
     }
 
+    /// Move a running process into a fresh child cgroup of the identity's
+    /// cgroup by writing `cgroup.procs`, the way a service manager places a
+    /// runner, not through `gateway exec`. Returns the cgroup as the kernel
+    /// names it (`/<identity cgroup>/<child>`).
+    pub fn move_into(&self, identity: &str, pid: u32) -> String {
+        let parent = self.identity_cgroup(identity);
+        let child = parent.join(unique("moved"));
+        std::fs::create_dir(&child)
+            .unwrap_or_else(|e| panic!("create cgroup {}: {e}", child.display()));
+        std::fs::write(child.join("cgroup.procs"), pid.to_string())
+            .unwrap_or_else(|e| panic!("move pid {pid} into {}: {e}", child.display()));
+        let root = cgroup::cgroup2_mount();
+        format!("/{}", child.strip_prefix(&root).unwrap().display())
+    }
+
     /// The daemon's stderr and the tail of its stdout, every run.
     pub fn diagnostics(&self) -> String {
         let mut s = String::new();

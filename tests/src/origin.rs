@@ -56,6 +56,7 @@ impl Drop for Server {
 pub struct Origin {
     server: Server,
     v4: Option<IpAddr>,
+    first_port: u16,
 }
 
 impl Origin {
@@ -76,6 +77,7 @@ impl Origin {
         Origin {
             server: Server::start(net, probe, args),
             v4: binds.iter().copied().find(IpAddr::is_ipv4),
+            first_port: *ports.start(),
         }
     }
 
@@ -83,9 +85,14 @@ impl Origin {
         &self.server.log
     }
 
-    /// A position in the log, for `accepted_since` / `assert_nothing_since`.
+    /// A position in the log, for `accepted_since` / `assert_nothing_since`:
+    /// everything the origin logged before the call lies before it. Lines
+    /// travel through a pipe and a reader thread, so the log's length alone
+    /// could lag; a control connection made now and waited for is the
+    /// barrier.
     pub fn mark(&self) -> usize {
-        self.server.log.len()
+        let from = self.server.log.len();
+        self.control(from, self.first_port).0 + 1
     }
 
     /// Accepted-connection lines after `mark`.
@@ -117,16 +124,7 @@ impl Origin {
     /// control's arrival is the barrier: the listener accepts in order, so
     /// anything sent before it would have been logged first.
     pub fn assert_nothing_since(&self, mark: usize, port: u16) {
-        let ip = self.v4.expect("origin has an IPv4 bind");
-        let mut control =
-            TcpStream::connect_timeout(&SocketAddr::new(ip, port), Duration::from_secs(5))
-                .unwrap_or_else(|e| {
-                    panic!("control connection to the origin {ip}:{port} failed: {e}")
-                });
-        let local = control.local_addr().unwrap().to_string();
-        self.wait_accepted(mark, |v| v["peer"] == local.as_str());
-        let _ = control.shutdown(std::net::Shutdown::Write);
-        let _ = control.read_to_end(&mut Vec::new());
+        let (_, local) = self.control(mark, port);
         let others: Vec<Value> = self
             .accepted_since(mark)
             .into_iter()
@@ -136,6 +134,31 @@ impl Origin {
             others.is_empty(),
             "the origin must have seen nothing, but it accepted: {others:?}"
         );
+    }
+
+    /// Connect directly from the test process (outside every tagged
+    /// cgroup), wait until the origin logged it, close it. Returns the
+    /// index of its line in the log and its client address.
+    fn control(&self, from: usize, port: u16) -> (usize, String) {
+        let ip = self.v4.expect("origin has an IPv4 bind");
+        let mut control =
+            TcpStream::connect_timeout(&SocketAddr::new(ip, port), Duration::from_secs(5))
+                .unwrap_or_else(|e| {
+                    panic!("control connection to the origin {ip}:{port} failed: {e}")
+                });
+        let local = control.local_addr().unwrap().to_string();
+        let is_control = |v: &Value| v.get("accepted").is_some() && v["peer"] == local.as_str();
+        self.wait_accepted(from, is_control);
+        let index = self
+            .server
+            .log
+            .values()
+            .iter()
+            .position(is_control)
+            .unwrap();
+        let _ = control.shutdown(std::net::Shutdown::Write);
+        let _ = control.read_to_end(&mut Vec::new());
+        (index, local)
     }
 }
 

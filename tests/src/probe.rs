@@ -139,6 +139,12 @@ impl Repl {
         }
     }
 
+    /// The pid of the spawned process (for a repl spawned directly, the
+    /// repl itself; under `gateway exec`, the exec wrapper).
+    pub fn child_pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Send one command line and wait for its result line.
     pub fn send(&mut self, line: &str) -> Value {
         let from = self.log.len();

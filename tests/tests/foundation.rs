@@ -489,6 +489,12 @@ fn raw_and_ping_sockets_are_refused_in_the_cgroup() {
     let r = &run.json;
     assert_eq!(text(&r["raw4"], "error"), "EPERM", "AF_INET SOCK_RAW: {r}");
     assert_eq!(text(&r["raw6"], "error"), "EPERM", "AF_INET6 SOCK_RAW: {r}");
+    assert_eq!(control["packet"]["ok"], true, "{control}");
+    assert_eq!(
+        text(&r["packet"], "error"),
+        "EPERM",
+        "AF_PACKET SOCK_RAW: {r}"
+    );
     for ping in ["ping4", "ping6"] {
         assert_eq!(r[ping]["ok"], false, "{ping} socket must be refused: {r}");
         if control[ping]["ok"] == true {
@@ -550,6 +556,56 @@ fn a_process_entering_another_network_namespace_cannot_connect() {
         "the gateway's counters must record the refusal"
     );
     w.origin.assert_nothing_since(mark, FIRST_PORT);
+}
+
+/// A process placed into the identity cgroup by writing `cgroup.procs` (how
+/// a service manager puts a CI runner into its slice), not by `gateway exec`,
+/// is enforced the same way by the kernel hooks alone.
+#[test]
+fn a_process_moved_into_the_cgroup_is_enforced_too() {
+    let w = World::new();
+    let mut repl = Repl::spawn(w.probe.command(["repl"]));
+    let cg = w.daemon.move_into("t1", repl.child_pid());
+    let target = w.v4(FIRST_PORT);
+    let mark = w.origin.mark();
+    let r = repl.send(&format!("tcp {target} moved"));
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(text(&r, "cgroup"), cg, "{r}");
+    assert_eq!(sa(&text(&r, "peer")), target, "{r}");
+    assert_eq!(
+        text(&r, "received"),
+        format!("port={FIRST_PORT}\nmoved"),
+        "{r}"
+    );
+    let ev = w
+        .daemon
+        .wait_connection(u64::from(repl.child_pid()), FIRST_PORT);
+    assert_eq!(text(&ev, "cgroup"), cg, "{ev}");
+    assert_eq!(text(&ev, "identity"), "t1", "{ev}");
+    let acc = w
+        .origin
+        .wait_accepted(mark, |v| v["accepted"] == FIRST_PORT);
+    assert_ne!(
+        text(&acc, "peer"),
+        text(&r, "local"),
+        "must go via the gateway: {acc}"
+    );
+
+    let quic = repl.send(&format!("udp {} connect", w.v4(443)));
+    assert_eq!(text(&quic, "error"), "EPERM", "{quic}");
+    let family0 = w.counter("denied_family");
+    let raw = repl.send("raw");
+    assert_eq!(text(&raw["raw4"], "error"), "EPERM", "{raw}");
+    assert_eq!(
+        text(&raw["packet"], "error"),
+        "EPERM",
+        "packet sockets bypass the inet hooks; without `gateway exec`'s seccomp filter \
+         only the BPF LSM hook can refuse them: {raw}"
+    );
+    assert!(
+        w.counter("denied_family") > family0,
+        "the gateway's counters must record it"
+    );
 }
 
 #[test]

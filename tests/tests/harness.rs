@@ -74,6 +74,7 @@ fn dns_origin_answers_a_queries() {
     assert_eq!(r["answers"], serde_json::json!([net.ns_v4().to_string()]));
     let nx = probe.run(["dns", "nope.test", &server.to_string()]).json;
     assert_eq!(nx["rcode"], 3, "{nx}");
+    dns.wait_query(|q| q["query"] == "nope.test");
     assert_eq!(dns.queries().len(), 2);
 }
 

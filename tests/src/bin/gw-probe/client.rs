@@ -224,18 +224,25 @@ fn try_socket(domain: i32, ty: i32, proto: i32) -> Value {
     r
 }
 
-/// Raw and ICMP ("ping") sockets of both families.
+/// Raw and ICMP ("ping") sockets of both families, and a packet socket
+/// (which bypasses the inet hooks entirely).
 pub fn raw() -> Value {
     let mut m = base("raw");
     let raw4 = try_socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP);
     let raw6 = try_socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_ICMPV6);
     let ping4 = try_socket(libc::AF_INET, libc::SOCK_DGRAM, libc::IPPROTO_ICMP);
     let ping6 = try_socket(libc::AF_INET6, libc::SOCK_DGRAM, libc::IPPROTO_ICMPV6);
+    let packet = try_socket(
+        libc::AF_PACKET,
+        libc::SOCK_RAW,
+        i32::from((libc::ETH_P_ALL as u16).to_be()),
+    );
     m.insert("ok".into(), raw4["ok"].clone());
     m.insert("raw4".into(), raw4);
     m.insert("raw6".into(), raw6);
     m.insert("ping4".into(), ping4);
     m.insert("ping6".into(), ping6);
+    m.insert("packet".into(), packet);
     Value::Object(m)
 }
 
@@ -396,6 +403,7 @@ fn read_line(s: &mut TcpStream) -> std::io::Result<String> {
 /// tcp ADDR [TEXT]      as `gw-probe tcp ADDR --send TEXT`
 /// dns NAME SERVER      as `gw-probe dns`
 /// udp ADDR [connect]   as `gw-probe udp`
+/// raw                  as `gw-probe raw`
 /// open ADDR            connect, read the origin's greeting line, keep it open
 /// close                half-close every open connection and read it to EOF
 /// ```
@@ -409,6 +417,7 @@ pub fn repl() {
             ["tcp", _, rest @ ..] if addr(1).is_some() => tcp(addr(1).unwrap(), &rest.join(" ")),
             ["dns", name, _] if addr(2).is_some() => dns(name, addr(2).unwrap()),
             ["udp", _] if addr(1).is_some() => udp(addr(1).unwrap(), false),
+            ["raw"] => raw(),
             ["udp", _, "connect"] if addr(1).is_some() => udp(addr(1).unwrap(), true),
             ["open", _] if addr(1).is_some() => {
                 let mut m = base("open");
