@@ -71,6 +71,7 @@ struct RawDaemon {
     allow_foreign_netns: bool,
     connect_timeout_ms: u64,
     idle_timeout_secs: u64,
+    jwks_min_refetch_secs: u64,
 }
 
 impl Default for RawDaemon {
@@ -86,6 +87,7 @@ impl Default for RawDaemon {
             allow_foreign_netns: false,
             connect_timeout_ms: 5000,
             idle_timeout_secs: 300,
+            jwks_min_refetch_secs: 10,
         }
     }
 }
@@ -210,6 +212,8 @@ pub struct Daemon {
     pub allow_foreign_netns: bool,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    /// An unknown `kid` refetches an issuer's JWKS at most this often.
+    pub jwks_min_refetch: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -468,6 +472,7 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             allow_foreign_netns: d.allow_foreign_netns,
             connect_timeout: Duration::from_millis(d.connect_timeout_ms),
             idle_timeout: Duration::from_secs(d.idle_timeout_secs),
+            jwks_min_refetch: Duration::from_secs(d.jwks_min_refetch_secs),
         },
         trusted_issuers,
         identities,

@@ -6,7 +6,7 @@
 use std::{
     ffi::CString,
     os::unix::process::{CommandExt, ExitStatusExt},
-    path::PathBuf,
+    path::Path,
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
     time::{SystemTime, UNIX_EPOCH},
@@ -98,7 +98,7 @@ fn unique_name() -> String {
 
 /// Removes the per-invocation cgroup once its processes are gone; if the
 /// command left daemons behind, they stay enforced and the cgroup stays.
-fn cleanup(child: &PathBuf) {
+fn cleanup(child: &Path) {
     // Right after the last process is reaped the kernel may still count the
     // cgroup as populated for a moment (EBUSY); give it a short deadline.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);

@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 
 use crate::{
     config::{self, Config, IdentitySource},
-    oidc::{Claims, ClientCredentials, TrustedIssuer, Verifier},
+    oidc::{Claims, ClientCredentials, Verifier},
 };
 
 /// An identity as the data path sees it.
@@ -45,16 +45,11 @@ impl Identity {
         claims: &Claims,
         expires_at: SystemTime,
     ) -> Identity {
-        let mut scalars = BTreeMap::new();
-        for (k, v) in &claims.extra {
-            let s = match v {
-                Value::String(s) => s.clone(),
-                Value::Number(n) => n.to_string(),
-                Value::Bool(b) => b.to_string(),
-                _ => continue,
-            };
-            scalars.insert(k.clone(), s);
-        }
+        let scalars = claims
+            .extra
+            .keys()
+            .filter_map(|k| claims.claim_str(k).map(|v| (k.clone(), v)))
+            .collect();
         Identity {
             name: binding.name.clone(),
             subject: claims.sub.clone(),
@@ -104,7 +99,11 @@ pub struct Identities {
     bindings: Vec<Arc<Binding>>,
     /// Verifies enrolled job tokens (and later approver tokens).
     pub verifier: Arc<Verifier>,
+    jwks_min_refetch: Duration,
 }
+
+/// Clock skew tolerated on `exp` and `nbf`.
+const LEEWAY: Duration = Duration::from_secs(30);
 
 /// Whether `path` is `root` or below it, on whole segments.
 pub fn within(path: &str, root: &str) -> bool {
@@ -116,10 +115,10 @@ pub fn within(path: &str, root: &str) -> bool {
 
 impl Identities {
     pub fn from_config(cfg: &Config) -> Self {
-        let verifier = Arc::new(Verifier::new(
-            cfg.trusted_issuers.clone(),
-            Duration::from_secs(30),
-        ));
+        let verifier = Arc::new(
+            Verifier::new(cfg.trusted_issuers.clone(), LEEWAY)
+                .with_refetch_interval(cfg.daemon.jwks_min_refetch),
+        );
         let mut by_path = Vec::new();
         let mut bindings = Vec::new();
         for id in &cfg.identities {
@@ -158,6 +157,7 @@ impl Identities {
             by_path,
             bindings,
             verifier,
+            jwks_min_refetch: cfg.daemon.jwks_min_refetch,
         }
     }
 
@@ -283,10 +283,10 @@ impl Identities {
         for b in &self.bindings {
             if let Source::ClientCredentials { creds, .. } = &b.source {
                 let b = b.clone();
-                let verifier = Arc::new(Verifier::new(
-                    vec![client_issuer(creds)],
-                    Duration::from_secs(30),
-                ));
+                let verifier = Arc::new(
+                    Verifier::new(vec![creds.trusted_issuer()], LEEWAY)
+                        .with_refetch_interval(self.jwks_min_refetch),
+                );
                 tokio::spawn(async move { refresh_loop(b, verifier).await });
             }
         }
@@ -341,10 +341,6 @@ impl Identities {
             .collect();
         list.into()
     }
-}
-
-fn client_issuer(creds: &ClientCredentials) -> TrustedIssuer {
-    creds.trusted_issuer()
 }
 
 /// Keeps a client-credentials identity's token fresh: refetch at 80 % of

@@ -98,7 +98,8 @@ async fn pump(
     start: Instant,
     side: Side,
 ) -> Result<(), End> {
-    let (read_err, write_err): (fn(std::io::Error) -> End, fn(std::io::Error) -> End) = match side {
+    type Wrap = fn(std::io::Error) -> End;
+    let (read_err, write_err): (Wrap, Wrap) = match side {
         Side::Client => (End::ClientError, End::UpstreamError),
         Side::Upstream => (End::UpstreamError, End::ClientError),
     };

@@ -27,6 +27,9 @@ pub struct ClientCredentials {
 /// An access token and what its verification found.
 #[derive(Debug, Clone)]
 pub struct Token {
+    /// The token itself; the gateway acts on the verified claims and keeps
+    /// the raw value only for callers that must present it.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub raw: Secret,
     /// The earlier of the token's `exp` and the token response's
     /// `expires_in`.
