@@ -687,12 +687,14 @@ fn upstream_connect_timeout_becomes_a_clean_close_and_is_audited() {
     });
     // The origin's SYN-ACKs to the host vanish: the handshake never completes.
     let host = format!("{}/32", w.net.host_v4());
-    w.net.ip(&["route", "add", "blackhole", &host]);
     let mark = w.origin.mark();
+    w.net.ip(&["route", "add", "blackhole", &host]);
     let target = w.v4(FIRST_PORT);
     let run = w.tagged(&["tcp", &target.to_string(), "--send", "hello?"]);
     let r = &run.json;
     let ev = w.daemon.wait_connection(run.pid(), FIRST_PORT);
+    w.net.ip(&["route", "del", "blackhole", &host]);
+    w.origin.assert_nothing_since(mark, FIRST_PORT);
     assert_eq!(text(&ev, "outcome"), "upstream_error", "{ev}");
     assert!(
         num(&ev, "duration_ms").is_some_and(|d| d >= TIMEOUT_MS - 50),
@@ -708,8 +710,6 @@ fn upstream_connect_timeout_becomes_a_clean_close_and_is_audited() {
         ms < (TIMEOUT_MS * 5) as f64,
         "the close must come soon after connect_timeout_ms={TIMEOUT_MS}, took {ms} ms: {r}"
     );
-    w.net.ip(&["route", "del", "blackhole", &host]);
-    w.origin.assert_nothing_since(mark, FIRST_PORT);
 }
 
 #[test]
