@@ -10,7 +10,7 @@
 
 /// Bumped whenever a pinned map's layout changes; pins live under
 /// `<pin_dir>/v<ABI_VERSION>/` so an incompatible daemon never adopts them.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// `cookie (u64) -> OrigDst`: written by connect/sendmsg, read by getpeername,
 /// recvmsg and sock_ops, removed by sock_release.
@@ -24,6 +24,17 @@ pub const MAP_CONTROL: &str = "GW_CONTROL";
 pub const MAP_UDP_ALLOW: &str = "GW_UDP_ALLOW";
 /// `PerCpuArray<u64>` of counters, indexed by the `STAT_*` constants.
 pub const MAP_STATS: &str = "GW_STATS";
+/// `FastKey -> FastVal`: flows the daemon has decided may connect direct.
+pub const MAP_FAST: &str = "GW_FAST";
+/// `cookie (u64) -> OrigDst`: sockets that took the fast path, until their
+/// close has been reported.
+pub const MAP_FAST_SOCKS: &str = "GW_FAST_SOCKS";
+/// Ring buffer of `FastEvent`s (open and close of fast-path sockets).
+pub const MAP_EVENTS: &str = "GW_EVENTS";
+
+pub const FAST_MAX_ENTRIES: u32 = 65_536;
+pub const FAST_SOCKS_MAX_ENTRIES: u32 = 65_536;
+pub const EVENTS_BYTES: u32 = 1 << 20;
 
 pub const SOCKS_MAX_ENTRIES: u32 = 262_144;
 pub const TUPLES_MAX_ENTRIES: u32 = 262_144;
@@ -38,7 +49,9 @@ pub const STAT_DENIED_NETNS: u32 = 5;
 pub const STAT_DENIED_SOCKET: u32 = 6;
 pub const STAT_DENIED_MAP_FULL: u32 = 7;
 pub const STAT_DENIED_FAMILY: u32 = 8;
-pub const STAT_COUNT: u32 = 9;
+pub const STAT_FAST_PATH: u32 = 9;
+pub const STAT_EVENTS_LOST: u32 = 10;
+pub const STAT_COUNT: u32 = 11;
 
 /// Names of the kernel programs, as the ELF object exports them.
 pub mod prog {
@@ -106,7 +119,57 @@ pub struct OrigDst {
     /// `bpf_ktime_get_ns` when the entry was written (janitor uses it).
     pub ktime_ns: u64,
     pub proto: u8,
-    pub _pad: [u8; 7],
+    /// `SOCK_FAST`, `SOCK_CONNECTED`.
+    pub flags: u8,
+    pub _pad: u8,
+    /// Fast-path sockets: bit `1 << state` for each TCP state entered.
+    pub states: u16,
+    pub _pad2: [u8; 2],
+}
+
+/// `OrigDst::flags`: the socket connected direct (fast path).
+pub const SOCK_FAST: u8 = 1;
+/// `OrigDst::flags`: sock_ops saw its SYN; its close will be reported.
+pub const SOCK_CONNECTED: u8 = 2;
+
+/// A flow the daemon allowed at L4: this exact cgroup to this address and
+/// port. While an unexpired entry exists (and the daemon's listener is up),
+/// connects of that flow go direct instead of through the proxy.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
+#[repr(C)]
+pub struct FastKey {
+    pub cgroup_id: u64,
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct FastVal {
+    /// `bpf_ktime_get_ns` after which the entry no longer applies.
+    pub expires_ns: u64,
+}
+
+pub const EVENT_OPEN: u32 = 1;
+pub const EVENT_CLOSE: u32 = 2;
+
+/// What the kernel reports about a fast-path socket.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct FastEvent {
+    /// `EVENT_OPEN` or `EVENT_CLOSE`.
+    pub kind: u32,
+    /// TCP state before the transition (SYN_SENT = 2 on a failed connect).
+    pub old_state: u32,
+    pub cookie: u64,
+    pub orig: OrigDst,
+    /// `tcp_sock.bytes_acked`: sequence space the peer acknowledged
+    /// (payload, plus one for the SYN and one for our FIN once acked).
+    pub bytes_up: u64,
+    /// `tcp_sock.bytes_received`: payload plus one for the peer's FIN.
+    pub bytes_down: u64,
+    pub ktime_ns: u64,
 }
 
 /// The loopback 4-tuple of a redirected TCP connection, as seen from the
@@ -152,4 +215,7 @@ mod pod {
     unsafe impl aya::Pod for OrigDst {}
     unsafe impl aya::Pod for TupleKey {}
     unsafe impl aya::Pod for UdpAllowKey {}
+    unsafe impl aya::Pod for FastKey {}
+    unsafe impl aya::Pod for FastVal {}
+    unsafe impl aya::Pod for FastEvent {}
 }

@@ -13,19 +13,22 @@ use core::ptr::read_volatile;
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{bpf_sock, bpf_sock_addr},
+    bindings::{BPF_F_CURRENT_NETNS, bpf_sock, bpf_sock_addr, bpf_sock_tuple},
     helpers::generated::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval,
+        bpf_sk_lookup_tcp, bpf_sk_release, bpf_sock_ops_cb_flags_set,
     },
     macros::{cgroup_sock, cgroup_sock_addr, lsm_cgroup, map, sock_ops},
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{LsmContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use gateway_common::{
-    Control, FLAG_ALLOW_FOREIGN_NETNS, OrigDst, PROTO_TCP, PROTO_UDP, READY, SOCKS_MAX_ENTRIES,
-    STAT_COUNT, STAT_DENIED_FAMILY, STAT_DENIED_MAP_FULL, STAT_DENIED_NETNS, STAT_DENIED_NOT_READY,
-    STAT_DENIED_QUIC, STAT_DENIED_SOCKET, STAT_DENIED_UDP, STAT_DNS_REDIRECTED,
+    Control, EVENT_CLOSE, EVENT_OPEN, EVENTS_BYTES, FAST_MAX_ENTRIES, FAST_SOCKS_MAX_ENTRIES,
+    FLAG_ALLOW_FOREIGN_NETNS, FastEvent, FastKey, FastVal, OrigDst, PROTO_TCP, PROTO_UDP, READY,
+    SOCK_CONNECTED, SOCK_FAST, SOCKS_MAX_ENTRIES, STAT_COUNT, STAT_DENIED_FAMILY,
+    STAT_DENIED_MAP_FULL, STAT_DENIED_NETNS, STAT_DENIED_NOT_READY, STAT_DENIED_QUIC,
+    STAT_DENIED_SOCKET, STAT_DENIED_UDP, STAT_DNS_REDIRECTED, STAT_EVENTS_LOST, STAT_FAST_PATH,
     STAT_TCP_REDIRECTED, TUPLES_MAX_ENTRIES, TupleKey, UDP_ALLOW_MAX_ENTRIES, UdpAllowKey,
     is_v4_mapped, v4_mapped,
 };
@@ -62,6 +65,20 @@ static UDP_ALLOW: HashMap<UdpAllowKey, u32> = HashMap::pinned(UDP_ALLOW_MAX_ENTR
 
 #[map(name = "GW_STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_COUNT, 0);
+
+#[map(name = "GW_FAST")]
+static FAST: HashMap<FastKey, FastVal> = HashMap::pinned(FAST_MAX_ENTRIES, 0);
+
+#[map(name = "GW_FAST_SOCKS")]
+static FAST_SOCKS: HashMap<u64, OrigDst> = HashMap::pinned(FAST_SOCKS_MAX_ENTRIES, 0);
+
+#[map(name = "GW_EVENTS")]
+static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
+
+const BPF_SOCK_OPS_STATE_CB: u32 = 10;
+const BPF_SOCK_OPS_STATE_CB_FLAG: i32 = 1 << 2;
+const BPF_TCP_ESTABLISHED: u32 = 1;
+const BPF_TCP_CLOSE: u32 = 7;
 
 #[inline(always)]
 fn count(stat: u32) {
@@ -200,7 +217,10 @@ fn record<C: EbpfContext>(ctx: &C, addr: [u32; 4], port: u16, fam: Family, proto
         cgroup_id,
         ktime_ns: now,
         proto,
-        _pad: [0; 7],
+        flags: 0,
+        _pad: 0,
+        states: 0,
+        _pad2: [0; 2],
     };
     SOCKS.insert(&cookie, &entry, 0).is_ok()
 }
@@ -223,13 +243,102 @@ fn try_connect(ctx: &SockAddrContext, fam: Family) -> i32 {
     // SAFETY: as above.
     let (sock_type, (addr, port)) = unsafe { ((*sa).type_, user_addr(sa, fam)) };
     match sock_type {
-        SOCK_STREAM => redirect(ctx, &ctl, fam, addr, port, PROTO_TCP, ctl.proxy_port),
+        SOCK_STREAM => {
+            if fast_path(ctx, &ctl, fam, addr, port) {
+                count(STAT_FAST_PATH);
+                return ALLOW;
+            }
+            redirect(ctx, &ctl, fam, addr, port, PROTO_TCP, ctl.proxy_port)
+        }
         SOCK_DGRAM => udp(ctx, &ctl, fam, addr, port),
         _ => {
             count(STAT_DENIED_SOCKET);
             DENY
         }
     }
+}
+
+/// Whether the daemon's proxy listener is up in this namespace: a bound
+/// listening socket on 127.0.0.1:proxy_port carrying the daemon's mark.
+/// The kernel closes it the instant the daemon dies, so a fast path can
+/// never outlive the daemon.
+#[inline(always)]
+fn daemon_listening<C: EbpfContext>(ctx: &C, ctl: &Control) -> bool {
+    // SAFETY: zeroed plain-data tuple, filled below.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    tuple.__bindgen_anon_1.ipv4.daddr = LOOPBACK4;
+    tuple.__bindgen_anon_1.ipv4.dport = ctl.proxy_port.to_be();
+    // SAFETY: helper with a stack tuple of the ipv4 size; the returned
+    // reference is released on every path.
+    unsafe {
+        let sk = bpf_sk_lookup_tcp(
+            ctx.as_ptr(),
+            &mut tuple,
+            core::mem::size_of::<[u32; 2]>() as u32 + 4,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        );
+        if sk.is_null() {
+            return false;
+        }
+        let ours = (*sk).mark == ctl.mark;
+        bpf_sk_release(sk.cast());
+        ours
+    }
+}
+
+/// The fast path: a flow the daemon already allowed (this exact cgroup, to
+/// this address and port, not expired) connects direct while the daemon is
+/// up. Its open and close are still reported for the audit (sock_ops).
+#[inline(always)]
+fn fast_path(ctx: &SockAddrContext, ctl: &Control, fam: Family, addr: [u32; 4], port: u16) -> bool {
+    if ctl.ready != READY {
+        return false;
+    }
+    // SAFETY: helpers without pointer arguments.
+    let (cgroup_id, now) = unsafe { (bpf_get_current_cgroup_id(), bpf_ktime_get_ns()) };
+    let key = FastKey {
+        cgroup_id,
+        addr,
+        port,
+        _pad: [0; 6],
+    };
+    let Some(val) = FAST.get_ptr(&key) else {
+        return false;
+    };
+    // SAFETY: pointer from a successful lookup.
+    if unsafe { (*val).expires_ns } <= now || !daemon_listening(ctx, ctl) {
+        return false;
+    }
+    // SAFETY: helpers without pointer arguments, or the program's context.
+    let (cookie, pid_tgid, uid_gid) = unsafe {
+        (
+            bpf_get_socket_cookie(ctx.as_ptr()),
+            bpf_get_current_pid_tgid(),
+            bpf_get_current_uid_gid(),
+        )
+    };
+    let entry = OrigDst {
+        addr,
+        port,
+        family: if fam == Family::V4 {
+            AF_INET as u16
+        } else {
+            AF_INET6 as u16
+        },
+        pid: (pid_tgid >> 32) as u32,
+        uid: uid_gid as u32,
+        gid: (uid_gid >> 32) as u32,
+        cgroup_id,
+        ktime_ns: now,
+        proto: PROTO_TCP,
+        flags: SOCK_FAST,
+        _pad: 0,
+        states: 0,
+        _pad2: [0; 2],
+    };
+    // No room to track it for the audit: take the proxy instead.
+    FAST_SOCKS.insert(&cookie, &entry, 0).is_ok()
 }
 
 /// Rewrites the destination to the gateway's listener after recording the
@@ -459,6 +568,14 @@ pub fn gw_sock_release(ctx: SockContext) -> i32 {
     // SAFETY: helper takes the program's context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let _ = SOCKS.remove(&cookie);
+    // A fast-path socket whose SYN never went out will never report a
+    // close; one that connected is removed when its close is reported.
+    if let Some(f) = FAST_SOCKS.get_ptr(&cookie) {
+        // SAFETY: pointer from a successful lookup.
+        if unsafe { (*f).flags } & SOCK_CONNECTED == 0 {
+            let _ = FAST_SOCKS.remove(&cookie);
+        }
+    }
     ALLOW
 }
 
@@ -466,10 +583,81 @@ pub fn gw_sock_release(ctx: SockContext) -> i32 {
 /// the record under it, which is what the proxy sees after `accept`.
 #[sock_ops]
 pub fn gw_sock_ops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() == BPF_SOCK_OPS_TCP_CONNECT_CB {
-        try_connect_cb(&ctx);
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => {
+            if !fast_connect_cb(&ctx) {
+                try_connect_cb(&ctx);
+            }
+        }
+        BPF_SOCK_OPS_STATE_CB => fast_state_cb(&ctx),
+        _ => {}
     }
     1
+}
+
+/// A fast-path socket sends its SYN: ask for state changes, to report its
+/// establishment and close.
+#[inline(always)]
+fn fast_connect_cb(ctx: &SockOpsContext) -> bool {
+    // SAFETY: helper takes the program's context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(f) = FAST_SOCKS.get_ptr_mut(&cookie) else {
+        return false;
+    };
+    // SAFETY: pointer from a successful lookup; helper on our context.
+    unsafe {
+        (*f).flags |= SOCK_CONNECTED;
+        bpf_sock_ops_cb_flags_set(ctx.ops, BPF_SOCK_OPS_STATE_CB_FLAG);
+    }
+    true
+}
+
+#[inline(always)]
+fn fast_state_cb(ctx: &SockOpsContext) {
+    let new_state = ctx.arg(1);
+    // SAFETY: helper takes the program's context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(f) = FAST_SOCKS.get_ptr_mut(&cookie) else {
+        return;
+    };
+    // Which states it went through tells userspace which of SYN and FINs
+    // the byte counters include.
+    if new_state < 16 {
+        // SAFETY: pointer from a successful lookup.
+        unsafe { (*f).states |= 1u16 << new_state };
+    }
+    if new_state != BPF_TCP_ESTABLISHED && new_state != BPF_TCP_CLOSE {
+        return;
+    }
+    let ops = ctx.ops;
+    // SAFETY: pointer from a successful lookup; plain context loads.
+    let (orig, up, down, now) = unsafe {
+        (
+            *f,
+            read_volatile(&raw const (*ops).bytes_acked),
+            read_volatile(&raw const (*ops).bytes_received),
+            bpf_ktime_get_ns(),
+        )
+    };
+    let ev = FastEvent {
+        kind: if new_state == BPF_TCP_CLOSE {
+            EVENT_CLOSE
+        } else {
+            EVENT_OPEN
+        },
+        old_state: ctx.arg(0),
+        cookie,
+        orig,
+        bytes_up: up,
+        bytes_down: down,
+        ktime_ns: now,
+    };
+    if EVENTS.output::<FastEvent>(&ev, 0).is_err() {
+        count(STAT_EVENTS_LOST);
+    }
+    if new_state == BPF_TCP_CLOSE {
+        let _ = FAST_SOCKS.remove(&cookie);
+    }
 }
 
 #[inline(always)]

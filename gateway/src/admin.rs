@@ -116,6 +116,8 @@ async fn enroll(req: &Value, state: &State) -> Value {
     };
     match result {
         Ok(i) => {
+            // Decisions cached for the previous identity of this cgroup go.
+            state.fast.clear(state);
             let expires = i
                 .expires_at
                 .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
@@ -178,6 +180,8 @@ fn status(state: &State) -> Value {
             "denied_socket": stats.get(6),
             "denied_map_full": stats.get(7),
             "denied_family": stats.get(8),
+            "fast_path": stats.get(9),
+            "events_lost": stats.get(10),
         },
         "sessions_total": state.registry.total(),
     })

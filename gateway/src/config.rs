@@ -72,6 +72,7 @@ struct RawDaemon {
     connect_timeout_ms: u64,
     idle_timeout_secs: u64,
     jwks_min_refetch_secs: u64,
+    fast_path: bool,
 }
 
 impl Default for RawDaemon {
@@ -88,6 +89,7 @@ impl Default for RawDaemon {
             connect_timeout_ms: 5000,
             idle_timeout_secs: 300,
             jwks_min_refetch_secs: 10,
+            fast_path: true,
         }
     }
 }
@@ -214,6 +216,9 @@ pub struct Daemon {
     pub idle_timeout: Duration,
     /// An unknown `kid` refetches an issuer's JWKS at most this often.
     pub jwks_min_refetch: Duration,
+    /// Reuse L4 allow decisions in the kernel for 30 s (direct connects,
+    /// still audited).
+    pub fast_path: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -473,6 +478,7 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             connect_timeout: Duration::from_millis(d.connect_timeout_ms),
             idle_timeout: Duration::from_secs(d.idle_timeout_secs),
             jwks_min_refetch: Duration::from_secs(d.jwks_min_refetch_secs),
+            fast_path: d.fast_path,
         },
         trusted_issuers,
         identities,

@@ -18,6 +18,7 @@ use crate::{
     cgroup::{self, Resolver},
     config::{Action, Config},
     dns::{self, Names},
+    fast::{self, FastPath},
     identity::Identities,
     kernel::{self, Attached, Maps},
     policy::Policy,
@@ -45,6 +46,9 @@ pub struct State {
     /// Identities are fixed for the daemon's lifetime (their token tasks
     /// run from start); a reload swaps the policy.
     pub identities: Arc<Identities>,
+    pub fast: FastPath,
+    /// Whether allowed L4 flows may use the kernel fast path.
+    pub fast_path: bool,
     pub pin_dir: PathBuf,
     config: RwLock<Arc<Live>>,
 }
@@ -83,12 +87,13 @@ pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         })?;
         cgroups.push(path);
     }
-    let (maps, attached) = kernel::attach(&cfg.daemon.pin_dir, &cgroups).with_context(|| {
-        format!(
-            "attaching the kernel programs (pins under {})",
-            cfg.daemon.pin_dir.display()
-        )
-    })?;
+    let (maps, events, attached) =
+        kernel::attach(&cfg.daemon.pin_dir, &cgroups).with_context(|| {
+            format!(
+                "attaching the kernel programs (pins under {})",
+                cfg.daemon.pin_dir.display()
+            )
+        })?;
     for a in &attached {
         tracing::info!(
             event = "attached",
@@ -156,6 +161,8 @@ pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         idle_timeout: cfg.daemon.idle_timeout,
         attached,
         identities: identities.clone(),
+        fast: FastPath::default(),
+        fast_path: cfg.daemon.fast_path,
         pin_dir: cfg.daemon.pin_dir.clone(),
         config: RwLock::new(Arc::new(Live {
             policy: Arc::new(cfg.policy.clone()),
@@ -174,6 +181,9 @@ pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         tokio::spawn(dns::serve(s, state.clone()));
     }
     tokio::spawn(janitor(state.clone()));
+    tokio::spawn(fast::read_events(events, state.clone()));
+    // Decisions cached by a previous daemon are not ours to vouch for.
+    state.fast.clear(&state);
     tokio::spawn(enrollment_janitor(state.clone()));
 
     // Only now may the kernel send traffic our way.
@@ -251,6 +261,7 @@ fn reload(state: &State, path: Option<&std::path::Path>) {
             if let Ok(mut l) = state.config.write() {
                 *l = live;
             }
+            state.fast.clear(state);
             tracing::info!(event = "reloaded", origin = %cfg.origin, "policy reloaded; identity changes take effect at the next start");
         }
         Err(e) => {

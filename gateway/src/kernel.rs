@@ -27,8 +27,8 @@ use aya::{
     programs::{CgroupAttachMode, links::FdLink},
 };
 use gateway_common::{
-    ABI_VERSION, Control, MAP_CONTROL, MAP_SOCKS, MAP_STATS, MAP_TUPLES, MAP_UDP_ALLOW, OrigDst,
-    STAT_COUNT, TupleKey, UdpAllowKey, prog,
+    ABI_VERSION, Control, FastKey, FastVal, MAP_CONTROL, MAP_EVENTS, MAP_FAST, MAP_SOCKS,
+    MAP_STATS, MAP_TUPLES, MAP_UDP_ALLOW, OrigDst, STAT_COUNT, TupleKey, UdpAllowKey, prog,
 };
 
 pub use raw::RawMap;
@@ -87,6 +87,7 @@ pub struct Maps {
     pub control: RawMap,
     pub udp_allow: RawMap,
     pub stats: RawMap,
+    pub fast: RawMap,
 }
 
 impl Maps {
@@ -119,6 +120,18 @@ impl Maps {
             self.udp_allow.update(k, &1u32)?;
         }
         Ok(())
+    }
+
+    /// Lets `key` connect direct until `expires_ns` (monotonic).
+    pub fn allow_fast(&self, key: &FastKey, expires_ns: u64) -> io::Result<()> {
+        self.fast.update(key, &FastVal { expires_ns })
+    }
+
+    /// Forgets every fast-path decision (policy or identities changed).
+    pub fn clear_fast(&self) {
+        for k in self.fast.keys::<FastKey>() {
+            let _ = self.fast.delete(&k);
+        }
     }
 
     /// Per-counter totals over all CPUs.
@@ -223,7 +236,13 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), KernelError> {
 
 /// Loads (or adopts) the programs, attaches them to every cgroup in
 /// `cgroups`, and returns the pinned maps.
-pub fn attach(pin_dir: &Path, cgroups: &[PathBuf]) -> Result<(Maps, Vec<Attached>), KernelError> {
+/// The ring buffer of fast-path socket events.
+pub type Events = aya::maps::RingBuf<aya::maps::MapData>;
+
+pub fn attach(
+    pin_dir: &Path,
+    cgroups: &[PathBuf],
+) -> Result<(Maps, Events, Vec<Attached>), KernelError> {
     if OBJECT.is_empty() {
         return Err(KernelError::NoObject);
     }
@@ -246,6 +265,7 @@ pub fn attach(pin_dir: &Path, cgroups: &[PathBuf]) -> Result<(Maps, Vec<Attached
         control: take_map(&mut ebpf, MAP_CONTROL)?,
         udp_allow: take_map(&mut ebpf, MAP_UDP_ALLOW)?,
         stats: take_map(&mut ebpf, MAP_STATS)?,
+        fast: take_map(&mut ebpf, MAP_FAST)?,
     };
 
     let mut loaded = false;
@@ -296,7 +316,16 @@ pub fn attach(pin_dir: &Path, cgroups: &[PathBuf]) -> Result<(Maps, Vec<Attached
     if loaded {
         remove_other_generations(&base.join("progs"), &hash);
     }
-    Ok((maps, attached))
+    retire_other_abis(pin_dir);
+    // Taken last: the programs were relocated against this map's fd.
+    let events = ebpf
+        .take_map(MAP_EVENTS)
+        .ok_or(KernelError::MissingMap(MAP_EVENTS))?;
+    let events = aya::maps::RingBuf::try_from(events).map_err(|e| KernelError::Io {
+        what: format!("opening ring buffer {MAP_EVENTS}"),
+        source: io::Error::other(e.to_string()),
+    })?;
+    Ok((maps, events, attached))
 }
 
 /// A duplicate fd of map `name`. The map stays in `ebpf`: programs loaded
@@ -432,6 +461,28 @@ fn remove_other_generations(dir: &Path, hash: &str) {
                 tracing::warn!(pin = %e.path().display(), %err, "could not unpin an old program generation");
             } else {
                 tracing::info!(event = "unpinned_old_generation", pin = %e.path().display());
+            }
+        }
+    }
+}
+
+/// Pins of an older (or newer) layout under `pin_dir/v<N>`: this
+/// generation's links are attached by now, so the others can go.
+fn retire_other_abis(pin_dir: &Path) {
+    let current = format!("v{ABI_VERSION}");
+    let Ok(entries) = fs::read_dir(pin_dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name != current && name.starts_with('v') && name[1..].parse::<u32>().is_ok() {
+            match detach(&e.path()) {
+                Ok(pins) => {
+                    tracing::info!(event = "retired_old_abi", dir = %e.path().display(), pins = pins.len())
+                }
+                Err(err) => {
+                    tracing::warn!(dir = %e.path().display(), error = %err, "could not retire pins of another ABI")
+                }
             }
         }
     }

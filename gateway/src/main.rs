@@ -7,6 +7,7 @@ mod config;
 mod daemon;
 mod dns;
 mod exec;
+mod fast;
 mod identity;
 mod kernel;
 mod oidc;

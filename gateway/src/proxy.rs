@@ -20,6 +20,7 @@ use crate::{
     audit::{ConnRecord, Outcome},
     config::Action,
     daemon::State,
+    identity::Identity,
     policy::{Destination, Subject},
     relay::{self, Counters, End},
 };
@@ -91,13 +92,13 @@ impl Registry {
         self.next.load(Ordering::Relaxed)
     }
 
-    fn insert(&self, c: OpenConn) {
+    pub(crate) fn insert(&self, c: OpenConn) {
         if let Ok(mut m) = self.open.lock() {
             m.insert(c.session, c);
         }
     }
 
-    fn remove(&self, session: u64) {
+    pub(crate) fn remove(&self, session: u64) {
         if let Ok(mut m) = self.open.lock() {
             m.remove(&session);
         }
@@ -183,8 +184,7 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
 
 /// The pipeline's verdict before forwarding.
 enum Verdict {
-    /// Go ahead, with the decision's reason.
-    Forward(SocketAddr, String),
+    Forward(Allowed),
     Refuse(String),
 }
 
@@ -202,9 +202,9 @@ async fn handle(client: TcpStream, peer: SocketAddr, local: SocketAddr, state: A
             drop(client);
             (Outcome::Refused, reason)
         }
-        Verdict::Forward(dst, why) => {
-            let (outcome, how) = forward(client, dst, &state, &mut rec).await;
-            (outcome, format!("{why}; {how}"))
+        Verdict::Forward(allowed) => {
+            let (outcome, how) = forward(client, &allowed, &state, &mut rec).await;
+            (outcome, format!("{}; {how}", allowed.reason))
         }
     };
     rec.duration = started.elapsed();
@@ -281,7 +281,12 @@ fn decide(peer: SocketAddr, local: SocketAddr, state: &State, rec: &mut ConnReco
     match decision.action {
         Action::Allow => {
             rec.decision = "allow";
-            Verdict::Forward(dst, decision.reason)
+            Verdict::Forward(Allowed {
+                dst,
+                reason: decision.reason,
+                cgroup_id: orig.cgroup_id,
+                identity,
+            })
         }
         Action::Block => {
             rec.decision = "block";
@@ -290,16 +295,41 @@ fn decide(peer: SocketAddr, local: SocketAddr, state: &State, rec: &mut ConnReco
     }
 }
 
+/// An allowed connection, with what the fast path needs to reuse the
+/// decision.
+struct Allowed {
+    dst: SocketAddr,
+    reason: String,
+    cgroup_id: u64,
+    identity: Arc<Identity>,
+}
+
 async fn forward(
     client: TcpStream,
-    dst: SocketAddr,
+    allowed: &Allowed,
     state: &State,
     rec: &mut ConnRecord,
 ) -> (Outcome, String) {
+    let dst = allowed.dst;
     let upstream = match connect_upstream(dst, state).await {
         Ok(s) => s,
-        Err(reason) => return (Outcome::UpstreamError, reason),
+        Err(reason) => {
+            close_gently(client).await;
+            return (Outcome::UpstreamError, reason);
+        }
     };
+    if state.fast_path {
+        state.fast.remember(
+            state,
+            allowed.cgroup_id,
+            dst,
+            &allowed.identity,
+            &rec.rule,
+            &allowed.reason,
+            &rec.host,
+            rec.session,
+        );
+    }
     let _ = client.set_nodelay(true);
     let counters = Arc::new(Counters::default());
     state.registry.insert(OpenConn {
@@ -330,6 +360,23 @@ async fn forward(
             Outcome::UpstreamError,
             format!("upstream {dst} failed mid-stream: {e}"),
         ),
+    }
+}
+
+/// Ends a client connection without a reset: a client that already sent
+/// its request would get ECONNRESET if we closed with unread data, so say
+/// EOF first and drain what it sent (bounded in time and size).
+async fn close_gently(mut client: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = client.shutdown().await;
+    let mut buf = [0u8; 4096];
+    let mut left: usize = 256 * 1024;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    while left > 0 {
+        match tokio::time::timeout_at(deadline, client.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n),
+            _ => break,
+        }
     }
 }
 
@@ -383,6 +430,8 @@ fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
     };
     s.set_reuseaddr(true)?;
+    // The kernel's fast path checks that a listener with our mark is up.
+    socket2::SockRef::from(&s).set_mark(crate::daemon::SOCKET_MARK)?;
     s.bind(addr)?;
     s.listen(4096)
 }

@@ -99,6 +99,7 @@ pub fn bench(args: &Args) -> Result<()> {
 
     util::trap_interrupts();
     let mut lab = Lab::new()?;
+    lab.reuse_time_wait()?;
     lab.start_network()?;
     lab.start_nginx()?;
     lab.start_daemon()?;
@@ -134,6 +135,8 @@ struct Lab {
     daemon_spawned: bool,
     nginx: Option<Child>,
     daemon: Option<Child>,
+    /// `net.ipv4.tcp_tw_reuse` before the run, restored on the way out.
+    saved_tw_reuse: Option<String>,
 }
 
 impl Lab {
@@ -164,6 +167,7 @@ impl Lab {
             daemon_spawned: false,
             nginx: None,
             daemon: None,
+            saved_tw_reuse: None,
         })
     }
 
@@ -387,8 +391,29 @@ default = "allow"
         Ok(r)
     }
 
+    /// A new connection per request at thousands per second runs a client
+    /// out of ephemeral ports held in TIME_WAIT towards the origin, which
+    /// hits direct clients (and gateway fast-path ones) but not the
+    /// proxy's loopback hop, where Linux already reuses TIME_WAIT. Reuse
+    /// everywhere for the run, so both sides measure connection cost and
+    /// not port exhaustion; the old value comes back afterwards.
+    fn reuse_time_wait(&mut self) -> Result<()> {
+        const KEY: &str = "/proc/sys/net/ipv4/tcp_tw_reuse";
+        let old = fs::read_to_string(KEY).with_context(|| format!("read {KEY}"))?;
+        fs::write(KEY, "1").with_context(|| format!("write {KEY}"))?;
+        say(format!(
+            "net.ipv4.tcp_tw_reuse = 1 for the run (was {})",
+            old.trim()
+        ));
+        self.saved_tw_reuse = Some(old);
+        Ok(())
+    }
+
     fn cleanup(&mut self) {
         say("cleaning up the benchmark");
+        if let Some(old) = self.saved_tw_reuse.take() {
+            let _ = fs::write("/proc/sys/net/ipv4/tcp_tw_reuse", old.trim());
+        }
         if let Some(mut daemon) = self.daemon.take() {
             stop(&mut daemon, "the gateway daemon", Duration::from_secs(10));
         }
