@@ -170,6 +170,10 @@ pub struct FastEvent {
     /// `tcp_sock.bytes_received`: payload plus one for the peer's FIN.
     pub bytes_down: u64,
     pub ktime_ns: u64,
+    /// The client socket's own address (v4 mapped) and port.
+    pub local_addr: [u32; 4],
+    pub local_port: u16,
+    pub _pad: [u8; 6],
 }
 
 /// The loopback 4-tuple of a redirected TCP connection, as seen from the

@@ -630,14 +630,30 @@ fn fast_state_cb(ctx: &SockOpsContext) {
         return;
     }
     let ops = ctx.ops;
-    // SAFETY: pointer from a successful lookup; plain context loads.
-    let (orig, up, down, now) = unsafe {
+    // SAFETY: pointer from a successful lookup; plain context loads, each
+    // volatile and unconditional (see try_connect_cb).
+    let (orig, up, down, now, family, local4, local6, local_port) = unsafe {
         (
             *f,
             read_volatile(&raw const (*ops).bytes_acked),
             read_volatile(&raw const (*ops).bytes_received),
             bpf_ktime_get_ns(),
+            read_volatile(&raw const (*ops).family),
+            read_volatile(&raw const (*ops).local_ip4),
+            [
+                read_volatile(&raw const (*ops).local_ip6[0]),
+                read_volatile(&raw const (*ops).local_ip6[1]),
+                read_volatile(&raw const (*ops).local_ip6[2]),
+                read_volatile(&raw const (*ops).local_ip6[3]),
+            ],
+            read_volatile(&raw const (*ops).local_port),
         )
+    };
+    // A v4-mapped socket keeps its IPv4 fields; a native one its IPv6.
+    let local_addr = if family == AF_INET || is_v4_mapped(&orig.addr) {
+        v4_mapped(local4)
+    } else {
+        local6
     };
     let ev = FastEvent {
         kind: if new_state == BPF_TCP_CLOSE {
@@ -651,6 +667,9 @@ fn fast_state_cb(ctx: &SockOpsContext) {
         bytes_up: up,
         bytes_down: down,
         ktime_ns: now,
+        local_addr,
+        local_port: local_port as u16,
+        _pad: [0; 6],
     };
     if EVENTS.output::<FastEvent>(&ev, 0).is_err() {
         count(STAT_EVENTS_LOST);

@@ -157,6 +157,7 @@ fn status(state: &State) -> Value {
                 "id": a.id,
                 "identity": state.identities.binding(&rel).map(|(_, b)| b.config.name.clone()),
                 "adopted": a.adopted,
+                "family_guard": a.family_guard,
             })
         })
         .collect();

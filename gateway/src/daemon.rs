@@ -100,6 +100,7 @@ pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
             cgroup = %a.path.display(),
             cgroup_id = a.id,
             adopted = a.adopted,
+            family_guard = a.family_guard,
         );
     }
 

@@ -24,7 +24,7 @@ use crate::{
     daemon::State,
     identity::Identity,
     kernel::{Events, monotonic_ns},
-    proxy::{OpenConn, ip_to_words, orig_addr},
+    proxy::{OpenConn, ip_to_words, orig_addr, words_to_ip},
     relay::Counters,
 };
 
@@ -208,6 +208,7 @@ fn handle(ev: &FastEvent, state: &State) {
             let (up, down) = payload(ev.bytes_up, ev.bytes_down, o.states, ev.old_state);
             let mut rec = ConnRecord {
                 session,
+                client: Some(SocketAddr::new(words_to_ip(&ev.local_addr), ev.local_port)),
                 cgroup: state.resolver.path(o.cgroup_id, o.pid).unwrap_or_default(),
                 pid: o.pid,
                 uid: o.uid,

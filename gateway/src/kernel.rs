@@ -168,6 +168,9 @@ pub struct Attached {
     pub id: u64,
     /// Whether the links were adopted from an earlier daemon.
     pub adopted: bool,
+    /// Whether the BPF LSM hook refusing non-inet socket families is
+    /// attached (kernels that cannot load BPF LSM programs lack it).
+    pub family_guard: bool,
 }
 
 fn versioned(pin_dir: &Path) -> PathBuf {
@@ -307,10 +310,14 @@ pub fn attach(
         }
         // Only now that this generation is attached, retire older ones.
         remove_other_generations(&link_dir, &hash);
+        let family_guard = link_dir
+            .join(format!("{}@{hash}", prog::LSM_SOCKET_CREATE))
+            .exists();
         attached.push(Attached {
             path: cg.clone(),
             id,
             adopted,
+            family_guard,
         });
     }
     if loaded {
@@ -534,6 +541,12 @@ pub fn detach(pin_dir: &Path) -> Result<Vec<PathBuf>, KernelError> {
     let (links, rest): (Vec<_>, Vec<_>) = pins
         .iter()
         .partition(|p| p.components().any(|c| c.as_os_str() == "links"));
+    for p in &links {
+        // Synchronous: when detach returns, the cgroup is no longer enforced.
+        if let Err(e) = raw::detach_pinned_link(p) {
+            tracing::warn!(pin = %p.display(), error = %e, "link detach failed; unpinning releases it shortly");
+        }
+    }
     for p in links.iter().chain(rest.iter()) {
         fs::remove_file(p).map_err(|source| KernelError::Io {
             what: format!("unpinning {}", p.display()),

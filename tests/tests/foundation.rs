@@ -253,24 +253,28 @@ fn five_hundred_concurrent_connections_each_reach_the_right_port() {
         Duration::from_secs(30),
     );
     assert_eq!(events.len(), COUNT, "one event per connection");
-    let event_ports: BTreeSet<u16> = events
+    // A connection is its (client socket, destination) pair: proxied ones
+    // come from loopback, fast-path ones (a flow already allowed connects
+    // direct) from the host's own address, where the kernel may reuse a
+    // source port towards a different destination port.
+    let event_conns: BTreeSet<(SocketAddr, SocketAddr)> = events
         .iter()
-        .map(|e| canon(&text(e, "client")).port())
+        .map(|e| (canon(&text(e, "client")), canon(&text(e, "orig_dst"))))
         .collect();
     assert_eq!(
-        event_ports.len(),
+        event_conns.len(),
         COUNT,
-        "client ports in the events must be distinct"
+        "the events must describe distinct connections"
     );
-    let probe_ports: BTreeSet<u16> = r["local_ports"]
+    let probe_conns: BTreeSet<(SocketAddr, SocketAddr)> = r["connections"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| p.as_u64().unwrap() as u16)
+        .map(|c| (canon(c[0].as_str().unwrap()), canon(c[1].as_str().unwrap())))
         .collect();
     assert_eq!(
-        event_ports, probe_ports,
-        "the events must name exactly the client sockets that connected"
+        event_conns, probe_conns,
+        "the events must name exactly the connections the client made"
     );
     let mut per_port: BTreeMap<u16, usize> = BTreeMap::new();
     for e in &events {
@@ -596,16 +600,30 @@ fn a_process_moved_into_the_cgroup_is_enforced_too() {
     let family0 = w.counter("denied_family");
     let raw = repl.send("raw");
     assert_eq!(text(&raw["raw4"], "error"), "EPERM", "{raw}");
-    assert_eq!(
-        text(&raw["packet"], "error"),
-        "EPERM",
-        "packet sockets bypass the inet hooks; without `gateway exec`'s seccomp filter \
-         only the BPF LSM hook can refuse them: {raw}"
-    );
-    assert!(
-        w.counter("denied_family") > family0,
-        "the gateway's counters must record it"
-    );
+    // Packet sockets bypass the inet hooks; for a process not started by
+    // `gateway exec` (whose seccomp filter refuses them) only the
+    // cgroup-scoped BPF LSM hook can. Kernels that cannot load BPF LSM
+    // programs (lockdown, `bpf` missing from lsm=) lack it, and the daemon
+    // must say so in its status rather than pretend.
+    let status = w.daemon.status_json();
+    let guard = status["cgroups"]
+        .as_array()
+        .and_then(|c| c.first())
+        .map(|c| c["family_guard"].clone())
+        .unwrap_or_default();
+    if guard == true {
+        assert_eq!(text(&raw["packet"], "error"), "EPERM", "{raw}");
+        assert!(
+            w.counter("denied_family") > family0,
+            "the gateway's counters must record it"
+        );
+    } else {
+        assert_eq!(guard, false, "status must report family_guard: {status}");
+        eprintln!(
+            "note: this kernel cannot load BPF LSM programs; packet sockets of processes moved \
+             into the cgroup are refused only where the runner unit restricts address families"
+        );
+    }
 }
 
 #[test]

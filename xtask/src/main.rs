@@ -124,7 +124,9 @@ fn test_args(extra: &[String]) -> Vec<String> {
         Some(i) => (&extra[..i], &extra[i + 1..]),
         None => (extra, &[][..]),
     };
-    let mut args: Vec<String> = vec!["test".into(), "--release".into()];
+    // Every test binary runs even when an earlier one fails, so one red
+    // report shows everything that is broken.
+    let mut args: Vec<String> = vec!["test".into(), "--release".into(), "--no-fail-fast".into()];
     let picks_packages = cargo_args
         .iter()
         .any(|a| a.starts_with("-p") || a.starts_with("--package"));
@@ -159,6 +161,7 @@ mod tests {
         const ALL: &[&str] = &[
             "test",
             "--release",
+            "--no-fail-fast",
             "--workspace",
             "--exclude",
             "gateway-ebpf",
@@ -178,6 +181,7 @@ mod tests {
             s(&[
                 "test",
                 "--release",
+                "--no-fail-fast",
                 "-p",
                 "gateway-tests",
                 "--",

@@ -161,3 +161,61 @@ fn possible_cpus() -> usize {
         })
         .map_or(1, |max| max + 1)
 }
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+/// Detaches the bpf link pinned at `path` now, rather than when its last
+/// reference goes (which the kernel does a moment after the unlink).
+pub fn detach_pinned_link(path: &std::path::Path) -> io::Result<()> {
+    #[repr(C)]
+    struct ObjAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: u32,
+    }
+    #[repr(C)]
+    struct LinkAttr {
+        link_fd: u32,
+        _pad: [u32; 3],
+    }
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+    let get = ObjAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
+    // SAFETY: BPF_OBJ_GET with a valid NUL-terminated path.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &raw const get,
+            size_of::<ObjAttr>() as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let attr = LinkAttr {
+        link_fd: fd as u32,
+        _pad: [0; 3],
+    };
+    // SAFETY: BPF_LINK_DETACH on the fd we just got; then close it.
+    unsafe {
+        let rc = libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            &raw const attr,
+            size_of::<LinkAttr>() as libc::c_uint,
+        );
+        let err = io::Error::last_os_error();
+        libc::close(fd as i32);
+        if rc < 0 { Err(err) } else { Ok(()) }
+    }
+}

@@ -101,7 +101,7 @@ pub fn tcp(addr: SocketAddr, send: &str) -> Value {
 }
 
 enum Outcome {
-    Ok(u16),
+    Ok(SocketAddr, SocketAddr),
     Mismatch(String),
     Error(String),
 }
@@ -127,7 +127,9 @@ pub fn many(count: usize, addrs: &[SocketAddr]) -> Value {
                         Ok(s) => s,
                         Err(e) => return Outcome::Error(format!("{addr} connect: {e}")),
                     };
-                    let local = s.local_addr().map(|a| a.port()).unwrap_or(0);
+                    let local = s
+                        .local_addr()
+                        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
                     s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
                     s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
                     if let Err(e) = s
@@ -138,7 +140,7 @@ pub fn many(count: usize, addrs: &[SocketAddr]) -> Value {
                     }
                     match read_to_end_lossy(&mut s) {
                         Ok(r) if r == format!("port={}\n{token}", addr.port()) => {
-                            Outcome::Ok(local)
+                            Outcome::Ok(local, addr)
                         }
                         Ok(r) => Outcome::Mismatch(format!("{addr}: sent {token:?} got {r:?}")),
                         Err((r, e)) => Outcome::Error(format!("{addr} read: {e} after {r:?}")),
@@ -149,12 +151,14 @@ pub fn many(count: usize, addrs: &[SocketAddr]) -> Value {
         .collect();
     let (mut ok, mut mismatch, mut errors) = (0, 0, 0);
     let mut local_ports = Vec::new();
+    let mut connections = Vec::new();
     let mut samples = Vec::new();
     for t in threads {
         match t.join().expect("connection thread panicked") {
-            Outcome::Ok(port) => {
+            Outcome::Ok(local, target) => {
                 ok += 1;
-                local_ports.push(port);
+                local_ports.push(local.port());
+                connections.push(json!([local.to_string(), target.to_string()]));
             }
             Outcome::Mismatch(s) => {
                 mismatch += 1;
@@ -175,6 +179,9 @@ pub fn many(count: usize, addrs: &[SocketAddr]) -> Value {
     m.insert("errors".into(), json!(errors));
     m.insert("samples".into(), json!(samples));
     m.insert("local_ports".into(), json!(local_ports));
+    // (client socket, target) per connection: the pair is what is unique,
+    // as a source port may be reused towards a different destination.
+    m.insert("connections".into(), json!(connections));
     m.insert("elapsed_ms".into(), json!(elapsed_ms(start)));
     Value::Object(m)
 }
