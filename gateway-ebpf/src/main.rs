@@ -190,9 +190,17 @@ fn in_foreign_netns<C: EbpfContext>(ctx: &C, ctl: &Control) -> bool {
     cookie != ctl.netns_cookie
 }
 
-/// Records who asked for what under the socket's cookie.
+/// Who is asking for what: the record filed for a socket, keyed by its
+/// cookie (returned alongside).
 #[inline(always)]
-fn record<C: EbpfContext>(ctx: &C, addr: [u32; 4], port: u16, fam: Family, proto: u8) -> bool {
+fn new_record<C: EbpfContext>(
+    ctx: &C,
+    addr: [u32; 4],
+    port: u16,
+    fam: Family,
+    proto: u8,
+    flags: u8,
+) -> (u64, OrigDst) {
     // SAFETY: helpers without pointer arguments, or the program's context.
     let (cookie, pid_tgid, uid_gid, cgroup_id, now) = unsafe {
         (
@@ -217,11 +225,18 @@ fn record<C: EbpfContext>(ctx: &C, addr: [u32; 4], port: u16, fam: Family, proto
         cgroup_id,
         ktime_ns: now,
         proto,
-        flags: 0,
+        flags,
         _pad: 0,
         states: 0,
         _pad2: [0; 2],
     };
+    (cookie, entry)
+}
+
+/// Records who asked for what under the socket's cookie.
+#[inline(always)]
+fn record<C: EbpfContext>(ctx: &C, addr: [u32; 4], port: u16, fam: Family, proto: u8) -> bool {
+    let (cookie, entry) = new_record(ctx, addr, port, fam, proto, 0);
     SOCKS.insert(&cookie, &entry, 0).is_ok()
 }
 
@@ -310,33 +325,7 @@ fn fast_path(ctx: &SockAddrContext, ctl: &Control, fam: Family, addr: [u32; 4], 
     if unsafe { (*val).expires_ns } <= now || !daemon_listening(ctx, ctl) {
         return false;
     }
-    // SAFETY: helpers without pointer arguments, or the program's context.
-    let (cookie, pid_tgid, uid_gid) = unsafe {
-        (
-            bpf_get_socket_cookie(ctx.as_ptr()),
-            bpf_get_current_pid_tgid(),
-            bpf_get_current_uid_gid(),
-        )
-    };
-    let entry = OrigDst {
-        addr,
-        port,
-        family: if fam == Family::V4 {
-            AF_INET as u16
-        } else {
-            AF_INET6 as u16
-        },
-        pid: (pid_tgid >> 32) as u32,
-        uid: uid_gid as u32,
-        gid: (uid_gid >> 32) as u32,
-        cgroup_id,
-        ktime_ns: now,
-        proto: PROTO_TCP,
-        flags: SOCK_FAST,
-        _pad: 0,
-        states: 0,
-        _pad2: [0; 2],
-    };
+    let (cookie, entry) = new_record(ctx, addr, port, fam, PROTO_TCP, SOCK_FAST);
     // No room to track it for the audit: take the proxy instead.
     FAST_SOCKS.insert(&cookie, &entry, 0).is_ok()
 }

@@ -416,37 +416,19 @@ fn attach_one(
     })?;
     // Links are multi-attach by nature; `Single` passes flags 0, which is
     // what bpf_link_create wants (pitfall 3 of the research notes).
+    macro_rules! attach_cgroup_link {
+        ($p:expr) => {{
+            let id = $p.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
+            FdLink::try_from($p.take_link(id).map_err(err)?).map_err(|e| KernelError::Pin {
+                path: PathBuf::from(name),
+                reason: e.to_string(),
+            })?
+        }};
+    }
     let link: FdLink = match program {
-        aya::programs::Program::CgroupSockAddr(p) => {
-            let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
-            p.take_link(id)
-                .map_err(err)?
-                .try_into()
-                .map_err(|e| KernelError::Pin {
-                    path: PathBuf::from(name),
-                    reason: format!("{e}"),
-                })?
-        }
-        aya::programs::Program::CgroupSock(p) => {
-            let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
-            p.take_link(id)
-                .map_err(err)?
-                .try_into()
-                .map_err(|e| KernelError::Pin {
-                    path: PathBuf::from(name),
-                    reason: format!("{e}"),
-                })?
-        }
-        aya::programs::Program::SockOps(p) => {
-            let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
-            p.take_link(id)
-                .map_err(err)?
-                .try_into()
-                .map_err(|e| KernelError::Pin {
-                    path: PathBuf::from(name),
-                    reason: format!("{e}"),
-                })?
-        }
+        aya::programs::Program::CgroupSockAddr(p) => attach_cgroup_link!(p),
+        aya::programs::Program::CgroupSock(p) => attach_cgroup_link!(p),
+        aya::programs::Program::SockOps(p) => attach_cgroup_link!(p),
         aya::programs::Program::LsmCgroup(p) => {
             let id = p.attach(cgroup).map_err(err)?;
             p.take_link(id).map_err(err)?.into()
