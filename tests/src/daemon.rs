@@ -32,6 +32,111 @@ pub struct Identity {
     pub duties: Vec<String>,
 }
 
+/// An identity whose subject and duties come from an OpenID provider
+/// (`client_credentials = {...}` or `enrolled = {...}` in the config).
+#[derive(Debug, Clone)]
+pub struct OidcIdentity {
+    pub name: String,
+    /// Relative to the cgroup2 mount.
+    pub cgroups: Vec<String>,
+    pub source: OidcSource,
+    /// `groups_claim`; the daemon's default (`groups`) when `None`.
+    pub groups_claim: Option<String>,
+    /// `duty_mapping`: claim value → duties; empty: values are duties as-is.
+    pub duty_mapping: Vec<(String, Vec<String>)>,
+}
+
+#[derive(Debug, Clone)]
+pub enum OidcSource {
+    /// The daemon gets its own tokens for this client.
+    ClientCredentials {
+        issuer: String,
+        client_id: String,
+        client_secret_file: PathBuf,
+        audience: Option<String>,
+        scopes: Vec<String>,
+    },
+    /// Job cgroups below get the identity of the token they enroll with;
+    /// `issuers` empty: any trusted issuer.
+    Enrolled { issuers: Vec<String> },
+}
+
+/// A `[[trusted_issuer]]`: verifies enrolled job tokens.
+#[derive(Debug, Clone)]
+pub struct TrustedIssuer {
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    /// Empty: the daemon's default allow-list.
+    pub algorithms: Vec<String>,
+}
+
+/// A `[[policy.rule]]`. Empty lists are left out (match anything).
+#[derive(Debug, Clone, Default)]
+pub struct Rule {
+    pub id: String,
+    /// `allow` or `block`.
+    pub action: String,
+    pub identities: Vec<String>,
+    pub duties: Vec<String>,
+    /// claim name → accepted values.
+    pub claims: Vec<(String, Vec<String>)>,
+    pub hosts: Vec<String>,
+    pub ips: Vec<String>,
+    /// `"20001"` or `"20002-20010"`.
+    pub ports: Vec<String>,
+}
+
+impl Rule {
+    pub fn new(id: &str, action: &str) -> Rule {
+        Rule {
+            id: id.into(),
+            action: action.into(),
+            ..Rule::default()
+        }
+    }
+
+    fn to_toml(&self) -> String {
+        let mut t = String::from("\n[[policy.rule]]\n");
+        t += &format!("id = {}\n", q(&self.id));
+        let lists = [
+            ("identities", &self.identities),
+            ("duties", &self.duties),
+            ("hosts", &self.hosts),
+            ("ips", &self.ips),
+        ];
+        for (key, list) in lists {
+            if !list.is_empty() {
+                t += &format!("{key} = {}\n", q_list(list));
+            }
+        }
+        if !self.ports.is_empty() {
+            let ports: Vec<String> = self
+                .ports
+                .iter()
+                .map(|p| match p.parse::<u16>() {
+                    Ok(n) => n.to_string(),
+                    Err(_) => q(p),
+                })
+                .collect();
+            t += &format!("ports = [{}]\n", ports.join(", "));
+        }
+        if !self.claims.is_empty() {
+            t += &format!("claims = {}\n", q_map(&self.claims));
+        }
+        t += &format!("action = {}\n", q(&self.action));
+        t
+    }
+}
+
+/// An inline table of string lists, `{ "k" = ["v"] }`.
+fn q_map(entries: &[(String, Vec<String>)]) -> String {
+    let items: Vec<String> = entries
+        .iter()
+        .map(|(k, v)| format!("{} = {}", q(k), q_list(v)))
+        .collect();
+    format!("{{ {} }}", items.join(", "))
+}
+
 /// The daemon's config, owning the temp dir its state lives in. Every name
 /// in it (pin dir, cgroups, sockets) is unique to this run.
 #[derive(Debug)]
@@ -49,6 +154,15 @@ pub struct Config {
     pub idle_timeout_secs: u64,
     pub identities: Vec<Identity>,
     pub policy_default: String,
+    /// `daemon.jwks_min_refetch_secs`; the daemon's default when `None`.
+    pub jwks_min_refetch_secs: Option<u64>,
+    /// `daemon.fast_path`; the daemon's default when `None`.
+    pub fast_path: Option<bool>,
+    pub trusted_issuers: Vec<TrustedIssuer>,
+    /// Identities backed by an OpenID provider, after the static ones.
+    pub oidc_identities: Vec<OidcIdentity>,
+    /// `[[policy.rule]]`s in order (first match decides).
+    pub rules: Vec<Rule>,
 }
 
 impl Config {
@@ -77,7 +191,83 @@ impl Config {
                 duties: vec!["tester".into()],
             }],
             policy_default: "allow".into(),
+            jwks_min_refetch_secs: None,
+            fast_path: None,
+            trusted_issuers: Vec::new(),
+            oidc_identities: Vec::new(),
+            rules: Vec::new(),
         }
+    }
+
+    /// Add a client-credentials identity `name` bound to a fresh cgroup; the
+    /// secret goes to a file in the config dir (`client_secret_file`).
+    pub fn client_credentials_identity(
+        mut self,
+        name: &str,
+        issuer: &str,
+        client_id: &str,
+        client_secret: &str,
+        audience: Option<&str>,
+    ) -> Config {
+        let secret_file = self.dir().join(format!("{name}.secret"));
+        std::fs::write(&secret_file, client_secret).expect("write client secret file");
+        self.oidc_identities.push(OidcIdentity {
+            name: name.into(),
+            cgroups: vec![unique(crate::PREFIX)],
+            source: OidcSource::ClientCredentials {
+                issuer: issuer.into(),
+                client_id: client_id.into(),
+                client_secret_file: secret_file,
+                audience: audience.map(Into::into),
+                scopes: Vec::new(),
+            },
+            groups_claim: None,
+            duty_mapping: Vec::new(),
+        });
+        self
+    }
+
+    /// Add an identity `name` for enrolled job tokens, bound to a fresh
+    /// cgroup; `issuers` empty: any trusted issuer.
+    pub fn enrolled_identity(mut self, name: &str, issuers: &[&str]) -> Config {
+        self.oidc_identities.push(OidcIdentity {
+            name: name.into(),
+            cgroups: vec![unique(crate::PREFIX)],
+            source: OidcSource::Enrolled {
+                issuers: issuers.iter().map(|i| i.to_string()).collect(),
+            },
+            groups_claim: None,
+            duty_mapping: Vec::new(),
+        });
+        self
+    }
+
+    pub fn trusted_issuer(mut self, issuer: &str, audiences: &[&str]) -> Config {
+        self.trusted_issuers.push(TrustedIssuer {
+            issuer: issuer.into(),
+            audiences: audiences.iter().map(|a| a.to_string()).collect(),
+            algorithms: Vec::new(),
+        });
+        self
+    }
+
+    pub fn rule(mut self, rule: Rule) -> Config {
+        self.rules.push(rule);
+        self
+    }
+
+    /// Every configured cgroup (static and OIDC identities) with its
+    /// identity's name.
+    pub fn cgroups(&self) -> Vec<(&str, &str)> {
+        let fixed = self
+            .identities
+            .iter()
+            .flat_map(|i| i.cgroups.iter().map(move |c| (i.name.as_str(), c.as_str())));
+        let oidc = self
+            .oidc_identities
+            .iter()
+            .flat_map(|i| i.cgroups.iter().map(move |c| (i.name.as_str(), c.as_str())));
+        fixed.chain(oidc).collect()
     }
 
     pub fn dns_upstream(mut self, upstream: impl ToString) -> Config {
@@ -110,6 +300,20 @@ impl Config {
         t += &format!("allow_foreign_netns = {}\n", self.allow_foreign_netns);
         t += &format!("connect_timeout_ms = {}\n", self.connect_timeout_ms);
         t += &format!("idle_timeout_secs = {}\n", self.idle_timeout_secs);
+        if let Some(secs) = self.jwks_min_refetch_secs {
+            t += &format!("jwks_min_refetch_secs = {secs}\n");
+        }
+        if let Some(fast) = self.fast_path {
+            t += &format!("fast_path = {fast}\n");
+        }
+        for ti in &self.trusted_issuers {
+            t += "\n[[trusted_issuer]]\n";
+            t += &format!("issuer = {}\n", q(&ti.issuer));
+            t += &format!("audiences = {}\n", q_list(&ti.audiences));
+            if !ti.algorithms.is_empty() {
+                t += &format!("algorithms = {}\n", q_list(&ti.algorithms));
+            }
+        }
         for id in &self.identities {
             t += "\n[[identity]]\n";
             t += &format!("name = {}\n", q(&id.name));
@@ -120,8 +324,46 @@ impl Config {
                 q_list(&id.duties)
             );
         }
+        for id in &self.oidc_identities {
+            t += "\n[[identity]]\n";
+            t += &format!("name = {}\n", q(&id.name));
+            t += &format!("cgroups = {}\n", q_list(&id.cgroups));
+            match &id.source {
+                OidcSource::ClientCredentials {
+                    issuer,
+                    client_id,
+                    client_secret_file,
+                    audience,
+                    scopes,
+                } => {
+                    let audience = audience
+                        .as_ref()
+                        .map(|a| format!(", audience = {}", q(a)))
+                        .unwrap_or_default();
+                    t += &format!(
+                        "client_credentials = {{ issuer = {}, client_id = {}, client_secret_file = {}, scopes = {}{audience} }}\n",
+                        q(issuer),
+                        q(client_id),
+                        q(client_secret_file.to_string_lossy()),
+                        q_list(scopes),
+                    );
+                }
+                OidcSource::Enrolled { issuers } => {
+                    t += &format!("enrolled = {{ issuers = {} }}\n", q_list(issuers));
+                }
+            }
+            if let Some(claim) = &id.groups_claim {
+                t += &format!("groups_claim = {}\n", q(claim));
+            }
+            if !id.duty_mapping.is_empty() {
+                t += &format!("duty_mapping = {}\n", q_map(&id.duty_mapping));
+            }
+        }
         t += "\n[policy]\nversion = 1\n";
         t += &format!("default = {}\n", q(&self.policy_default));
+        for rule in &self.rules {
+            t += &rule.to_toml();
+        }
         t
     }
 }
@@ -335,6 +577,16 @@ impl Daemon {
         c
     }
 
+    /// `gateway enroll --cgroup <cgroup> --token-file <token_file>`, run
+    /// by the test itself (outside every tagged cgroup).
+    pub fn enroll(&self, cgroup: &str, token_file: &Path) -> Command {
+        let mut c = self.gateway("enroll");
+        c.args(["--cgroup", cgroup])
+            .arg("--token-file")
+            .arg(token_file);
+        c
+    }
+
     /// `gateway status --json`, parsed.
     pub fn status_json(&self) -> Value {
         let out = self
@@ -364,13 +616,13 @@ impl Daemon {
 
     /// Absolute path of an identity's first cgroup.
     pub fn identity_cgroup(&self, identity: &str) -> PathBuf {
-        let id = self
+        let (_, first) = self
             .cfg
-            .identities
-            .iter()
-            .find(|i| i.name == identity)
+            .cgroups()
+            .into_iter()
+            .find(|(name, _)| *name == identity)
             .unwrap_or_else(|| panic!("no identity {identity} in the config"));
-        cgroup::cgroup2_mount().join(&id.cgroups[0])
+        cgroup::cgroup2_mount().join(first)
     }
 
     /// Move a running process into a fresh child cgroup of the identity's
@@ -388,7 +640,21 @@ impl Daemon {
         format!("/{}", child.strip_prefix(&root).unwrap().display())
     }
 
-    /// The daemon's stderr and the tail of its stdout, every run.
+    /// Everything the daemon wrote, every run: stderr and stdout, whole.
+    /// For checks that something (a secret, a token) never appears.
+    pub fn all_output(&self) -> String {
+        let mut s = String::new();
+        for run in 1..=self.runs {
+            s += &std::fs::read_to_string(self.stderr_path(run)).unwrap_or_default();
+            s.push('\n');
+        }
+        for l in self.earlier.iter().chain(std::iter::once(&self.log)) {
+            s += &l.tail(usize::MAX);
+            s.push('\n');
+        }
+        s
+    }
+
     pub fn diagnostics(&self) -> String {
         let mut s = String::new();
         for run in 1..=self.runs {
@@ -431,10 +697,8 @@ impl Drop for Daemon {
             Ok(_) => {}
         }
         if let Some(root) = cgroup::try_cgroup2_mount() {
-            for id in &self.cfg.identities {
-                for cg in &id.cgroups {
-                    cgroup::remove_tree(&root.join(cg));
-                }
+            for (_, cg) in self.cfg.cgroups() {
+                cgroup::remove_tree(&root.join(cg));
             }
         }
         // Whatever detach left (it should have left nothing) goes too.

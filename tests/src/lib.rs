@@ -12,6 +12,7 @@ pub mod dns;
 pub mod errno;
 pub mod jsonlog;
 pub mod net;
+pub mod oidc;
 pub mod origin;
 pub mod probe;
 
