@@ -65,6 +65,15 @@ impl Identity {
     }
 }
 
+fn expired_reason(ident: &Identity) -> String {
+    format!(
+        "the token of identity {} (subject {}) expired at {} (unix); refusing until a valid one is in place",
+        ident.name,
+        ident.subject,
+        ident.expires_at.map_or(0, unix)
+    )
+}
+
 fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
@@ -75,7 +84,11 @@ enum Source {
     Static(Arc<Identity>),
     ClientCredentials {
         creds: ClientCredentials,
+        /// The last token's identity (kept after it expires, so refusals
+        /// say "expired"), or why there never was one.
         current: RwLock<Result<Arc<Identity>, String>>,
+        /// Why the last refresh failed, if it did.
+        last_error: RwLock<Option<String>>,
     },
     Enrolled {
         issuers: Vec<String>,
@@ -137,6 +150,7 @@ impl Identities {
                         "identity {} has no token yet (first fetch from {} pending)",
                         id.name, creds.issuer
                     ))),
+                    last_error: RwLock::new(None),
                 },
                 IdentitySource::Enrolled { issuers } => Source::Enrolled {
                     issuers: issuers.clone(),
@@ -178,10 +192,25 @@ impl Identities {
         let now = SystemTime::now();
         let ident = match &b.source {
             Source::Static(i) => return Ok(i.clone()),
-            Source::ClientCredentials { current, .. } => current
-                .read()
-                .map_err(|_| "identity state is poisoned".to_string())?
-                .clone()?,
+            Source::ClientCredentials {
+                current,
+                last_error,
+                ..
+            } => {
+                let ident = current
+                    .read()
+                    .map_err(|_| "identity state is poisoned".to_string())?
+                    .clone()?;
+                if ident.expired(now)
+                    && let Ok(Some(e)) = last_error.read().as_deref()
+                {
+                    return Err(format!(
+                        "{}; refreshing it failed: {e}",
+                        expired_reason(&ident)
+                    ));
+                }
+                ident
+            }
             Source::Enrolled { jobs, .. } => {
                 let jobs = jobs
                     .read()
@@ -204,12 +233,7 @@ impl Identities {
             }
         };
         if ident.expired(now) {
-            return Err(format!(
-                "the token of identity {} (subject {}) expired at {} (unix); refusing until a valid one is in place",
-                ident.name,
-                ident.subject,
-                ident.expires_at.map_or(0, unix)
-            ));
+            return Err(expired_reason(&ident));
         }
         Ok(ident)
     }
@@ -312,12 +336,19 @@ impl Identities {
                 });
                 match &b.source {
                     Source::Static(i) => v["identity"] = describe(i),
-                    Source::ClientCredentials { current, creds } => {
+                    Source::ClientCredentials {
+                        current,
+                        creds,
+                        last_error,
+                    } => {
                         v["issuer"] = creds.issuer.clone().into();
                         match current.read().as_deref() {
                             Ok(Ok(i)) => v["identity"] = describe(i),
                             Ok(Err(e)) => v["error"] = e.clone().into(),
                             Err(_) => v["error"] = "poisoned".into(),
+                        }
+                        if let Ok(Some(e)) = last_error.read().as_deref() {
+                            v["last_refresh_error"] = e.clone().into();
                         }
                     }
                     Source::Enrolled { jobs, .. } => {
@@ -347,7 +378,12 @@ impl Identities {
 /// its lifetime; on failure keep the old token while it is valid and retry
 /// with backoff.
 async fn refresh_loop(b: Arc<Binding>, verifier: Arc<Verifier>) {
-    let Source::ClientCredentials { creds, current } = &b.source else {
+    let Source::ClientCredentials {
+        creds,
+        current,
+        last_error,
+    } = &b.source
+    else {
         return;
     };
     let mut backoff = Duration::from_millis(500);
@@ -371,6 +407,9 @@ async fn refresh_loop(b: Arc<Binding>, verifier: Arc<Verifier>) {
                 if let Ok(mut c) = current.write() {
                     *c = Ok(ident);
                 }
+                if let Ok(mut l) = last_error.write() {
+                    *l = None;
+                }
                 backoff = Duration::from_millis(500);
                 tok.refresh_at(fetched_at)
                     .duration_since(SystemTime::now())
@@ -383,11 +422,16 @@ async fn refresh_loop(b: Arc<Binding>, verifier: Arc<Verifier>) {
                     b.config.name, creds.issuer
                 );
                 tracing::warn!(event = "identity_token_failed", identity = %b.config.name, error = %e);
-                if let Ok(mut c) = current.write() {
-                    let still_valid = matches!(&*c, Ok(i) if !i.expired(SystemTime::now()));
-                    if !still_valid {
-                        *c = Err(msg);
-                    }
+                // A token we had stays, valid or expired: `resolve` refuses
+                // an expired one with that reason (and this error). Only
+                // "never had one" takes the error itself.
+                if let Ok(mut c) = current.write()
+                    && c.is_err()
+                {
+                    *c = Err(msg.clone());
+                }
+                if let Ok(mut l) = last_error.write() {
+                    *l = Some(msg);
                 }
                 let w = backoff;
                 backoff = (backoff * 2).min(Duration::from_secs(30));

@@ -171,7 +171,9 @@ pub enum VerifyError {
     Expired { exp: u64, now: u64 },
     #[error("token is not valid before {nbf} (unix time), it is now {now}")]
     NotYetValid { nbf: u64, now: u64 },
-    #[error("no key `{kid}` in the issuer's JWKS, even after refetching it")]
+    #[error(
+        "no key `{kid}` in the issuer's JWKS as last fetched (an unknown kid refetches it, at most once per jwks_min_refetch_secs)"
+    )]
     UnknownKey { kid: String },
     #[error("key `{kid}` in the issuer's JWKS cannot verify `{alg}` signatures")]
     KeyMismatch { kid: String, alg: String },
