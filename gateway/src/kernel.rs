@@ -393,7 +393,7 @@ fn load_all(ebpf: &mut Ebpf, progs_dir: &Path, hash: &str) -> Result<bool, Kerne
                         tracing::warn!(
                             program = name,
                             error = %e,
-                            "BPF LSM unavailable (add `bpf` to the kernel's lsm= list); packet, vsock and other non-inet sockets are not refused in tagged cgroups"
+                            "this kernel cannot load BPF LSM programs (`bpf` missing from lsm=, or kernel lockdown); packet, vsock and other non-inet sockets of tagged processes are refused only for `gateway exec` (seccomp) and runner units with RestrictAddressFamilies="
                         );
                     }
                 }
