@@ -104,13 +104,25 @@ pub fn bench(args: &Args) -> Result<()> {
     lab.start_nginx()?;
     lab.start_daemon()?;
 
+    // The product as configured by default (allowed L4 flows reuse their
+    // decision in the kernel), then every connection through the proxy.
     let mut rows = Vec::new();
     for s in &SCENARIOS {
         let direct = lab.wrk(s, false, args.duration)?;
         let gateway = lab.wrk(s, true, args.duration)?;
         rows.push((s, direct, gateway));
     }
+    lab.restart_daemon(false)?;
+    let mut proxied = Vec::new();
+    for s in &SCENARIOS {
+        proxied.push(lab.wrk(s, true, args.duration)?);
+    }
     drop(lab);
+    let rows: Vec<_> = rows
+        .into_iter()
+        .zip(proxied)
+        .map(|((s, d, g), p)| (s, d, g, p))
+        .collect();
 
     println!("{}", table(&rows, args.duration));
     Ok(())
@@ -137,6 +149,8 @@ struct Lab {
     daemon: Option<Child>,
     /// `net.ipv4.tcp_tw_reuse` before the run, restored on the way out.
     saved_tw_reuse: Option<String>,
+    /// The daemon's `fast_path` setting for the current runs.
+    fast_path: bool,
 }
 
 impl Lab {
@@ -168,6 +182,7 @@ impl Lab {
             nginx: None,
             daemon: None,
             saved_tw_reuse: None,
+            fast_path: true,
         })
     }
 
@@ -249,9 +264,11 @@ impl Lab {
     }
 
     fn start_daemon(&mut self) -> Result<()> {
-        fs::create_dir(&self.cgroup)
-            .with_context(|| format!("create cgroup {}", self.cgroup.display()))?;
-        self.cgroup_created = true;
+        if !self.cgroup_created {
+            fs::create_dir(&self.cgroup)
+                .with_context(|| format!("create cgroup {}", self.cgroup.display()))?;
+            self.cgroup_created = true;
+        }
         fs::write(&self.config, self.daemon_config())?;
 
         let stdout_log = self.dir.join("daemon.log");
@@ -313,6 +330,7 @@ pin_dir = {pin_dir}
 state_dir = {state_dir}
 admin_socket = {admin_socket}
 dns_upstreams = ["127.0.0.1:53"]
+fast_path = {fast_path}
 
 [[identity]]
 name = "bench"
@@ -323,11 +341,22 @@ static = {{ subject = "bench@localhost", duties = ["bench"] }}
 version = 1
 default = "allow"
 "#,
+            fast_path = self.fast_path,
             pin_dir = toml_str(&self.pin_dir.to_string_lossy()),
             state_dir = toml_str(&self.dir.join("state").to_string_lossy()),
             admin_socket = toml_str(&self.dir.join("admin.sock").to_string_lossy()),
             cgroup = toml_str(&self.cgroup_name()),
         )
+    }
+
+    /// Restarts the daemon with another `fast_path` setting (it adopts its
+    /// own pinned programs; the cgroup stays).
+    fn restart_daemon(&mut self, fast_path: bool) -> Result<()> {
+        if let Some(mut daemon) = self.daemon.take() {
+            stop(&mut daemon, "the gateway daemon", Duration::from_secs(10));
+        }
+        self.fast_path = fast_path;
+        self.start_daemon()
     }
 
     /// One wrk run, direct or under `gateway exec`.
@@ -664,7 +693,7 @@ fn parse_size(s: &str) -> Result<f64> {
     Ok(num.parse::<f64>().with_context(|| format!("size `{s}`"))? * mult)
 }
 
-fn table(rows: &[(&Scenario, Wrk, Wrk)], secs: u64) -> String {
+fn table(rows: &[(&Scenario, Wrk, Wrk, Wrk)], secs: u64) -> String {
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let cpus = thread::available_parallelism().map_or(0, |n| n.get());
     let mut out = String::new();
@@ -676,15 +705,19 @@ fn table(rows: &[(&Scenario, Wrk, Wrk)], secs: u64) -> String {
     );
     out.push_str(
         "| scenario | direct req/s | gateway req/s | ratio | target | result \
-         | direct MiB/s | gateway MiB/s | errors direct / gateway |\n",
+         | direct MiB/s | gateway MiB/s | errors direct / gateway \
+         | proxy-only req/s | proxy-only ratio |\n",
     );
-    out.push_str("|---|---:|---:|---:|---:|---|---:|---:|---:|\n");
-    for (s, direct, gateway) in rows {
-        let ratio = if direct.requests_per_sec > 0.0 {
-            gateway.requests_per_sec / direct.requests_per_sec
-        } else {
-            0.0
+    out.push_str("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|\n");
+    for (s, direct, gateway, proxied) in rows {
+        let ratio_of = |w: &Wrk| {
+            if direct.requests_per_sec > 0.0 {
+                w.requests_per_sec / direct.requests_per_sec
+            } else {
+                0.0
+            }
         };
+        let ratio = ratio_of(gateway);
         let result = if gateway.non_2xx > 0 {
             "miss (non-2xx)"
         } else if ratio >= s.target {
@@ -694,7 +727,7 @@ fn table(rows: &[(&Scenario, Wrk, Wrk)], secs: u64) -> String {
         };
         let _ = writeln!(
             out,
-            "| {} | {:.0} | {:.0} | {ratio:.2} | ≥{:.2} | {result} | {:.1} | {:.1} | {} / {} |",
+            "| {} | {:.0} | {:.0} | {ratio:.2} | ≥{:.2} | {result} | {:.1} | {:.1} | {} / {} | {:.0} | {:.2} |",
             s.name,
             direct.requests_per_sec,
             gateway.requests_per_sec,
@@ -703,8 +736,15 @@ fn table(rows: &[(&Scenario, Wrk, Wrk)], secs: u64) -> String {
             gateway.bytes_per_sec / MIB,
             direct.non_2xx + direct.socket_errors,
             gateway.non_2xx + gateway.socket_errors,
+            proxied.requests_per_sec,
+            ratio_of(proxied),
         );
     }
+    out.push_str(
+        "\n\"gateway\": the default configuration, where a flow the proxy allowed at L4 \
+         connects direct (still audited) for 30 s; \"proxy-only\": `fast_path = false`, \
+         every connection relayed by the proxy.\n",
+    );
     out
 }
 
