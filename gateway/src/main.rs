@@ -15,6 +15,7 @@ mod policy;
 mod proxy;
 mod relay;
 mod sockdiag;
+mod tls;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -83,6 +84,35 @@ enum Cmd {
         #[arg(long, env = "GATEWAY_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// The TLS interception CA: create it, show it, install it where clients look.
+    Ca {
+        #[arg(long, env = "GATEWAY_CONFIG", global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        cmd: CaCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCmd {
+    /// Create the CA (ECDSA P-256) in <state_dir>/ca; the key is readable by root only.
+    Init {
+        /// Replace an existing CA (clients must then trust the new one).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Subject, SHA-256 fingerprint, validity and paths of the CA.
+    Show,
+    /// Install the CA certificate into an NSS database and/or the system store.
+    #[command(group(clap::ArgGroup::new("target").required(true).multiple(true).args(["nssdb", "system"])))]
+    Trust {
+        /// NSS database directory (Chromium on Linux: ~/.pki/nssdb); created if missing.
+        #[arg(long, value_name = "DIR")]
+        nssdb: Option<PathBuf>,
+        /// Copy to /usr/local/share/ca-certificates and run update-ca-certificates.
+        #[arg(long)]
+        system: bool,
+    },
 }
 
 fn init_tracing(format: LogFormat) {
@@ -136,6 +166,16 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let cfg = config::Config::load(config.as_deref())?;
             let code = exec::run(&cfg, &identity, &command)?;
             Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+        }
+        Cmd::Ca { config, cmd } => {
+            let cfg = config::Config::load(config.as_deref())?;
+            let dir = tls::ca::dir(&cfg.daemon.state_dir);
+            match cmd {
+                CaCmd::Init { force } => tls::ca::init(&dir, force)?,
+                CaCmd::Show => tls::ca::show(&dir)?,
+                CaCmd::Trust { nssdb, system } => tls::ca::trust(&dir, nssdb.as_deref(), system)?,
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Status { config, json } => {
             let cfg = config::Config::load(config.as_deref())?;
