@@ -10,6 +10,7 @@ mod exec;
 mod fast;
 mod identity;
 mod kernel;
+mod mask;
 mod oidc;
 mod policy;
 mod proxy;
