@@ -225,6 +225,11 @@ pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         );
     }
 
+    crate::notify::notify(&format!(
+        "READY=1\nSTATUS=enforcing {} cgroup(s); proxy on port {proxy_port}",
+        state.attached.len()
+    ));
+
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -232,9 +237,14 @@ pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => reload(&state, config_path.as_deref()),
+            _ = hup.recv() => {
+                crate::notify::reloading();
+                reload(&state, config_path.as_deref());
+                crate::notify::notify("READY=1");
+            }
         }
     }
+    crate::notify::notify("STOPPING=1");
     // Fail closed: tagged connects are refused until a daemon is ready again.
     let not_ready = Control {
         ready: 0,

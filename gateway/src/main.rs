@@ -11,6 +11,7 @@ mod fast;
 mod identity;
 mod kernel;
 mod mask;
+mod notify;
 mod oidc;
 mod policy;
 mod proxy;
