@@ -32,13 +32,7 @@ fn notify_to(path: &std::ffi::OsStr, state: &str) -> std::io::Result<()> {
 
 /// `RELOADING=1` wants the monotonic time of the reload (systemd ≥ 253).
 pub fn reloading() {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    let usec = (ts.tv_sec as u64) * 1_000_000 + (ts.tv_nsec as u64) / 1000;
+    let usec = crate::kernel::monotonic_ns() / 1000;
     notify(&format!("RELOADING=1\nMONOTONIC_USEC={usec}"));
 }
 
