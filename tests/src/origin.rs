@@ -147,15 +147,18 @@ impl Origin {
                     panic!("control connection to the origin {ip}:{port} failed: {e}")
                 });
         let local = control.local_addr().unwrap().to_string();
-        let is_control = |v: &Value| v.get("accepted").is_some() && v["peer"] == local.as_str();
+        // A connection is its (client, destination) pair: the kernel may have
+        // used the same source port earlier towards another origin port, so
+        // match both, and only among lines logged since `from`.
+        let is_control = |v: &Value| {
+            v.get("accepted").is_some() && v["peer"] == local.as_str() && v["accepted"] == port
+        };
         self.wait_accepted(from, is_control);
-        let index = self
-            .server
-            .log
-            .values()
-            .iter()
-            .position(is_control)
-            .unwrap();
+        let index = from
+            + self.server.log.values()[from..]
+                .iter()
+                .position(is_control)
+                .unwrap();
         let _ = control.shutdown(std::net::Shutdown::Write);
         let _ = control.read_to_end(&mut Vec::new());
         (index, local)
