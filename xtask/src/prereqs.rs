@@ -43,6 +43,8 @@ pub const TEST: &[(Check, &str, Installer)] = &[
     (Bin("dig"), "dnsutils", Apt),
     (Bin("curl"), "curl", Apt),
     (Bin("ps"), "procps", Apt),
+    // `gateway ca trust --nssdb` puts the CA into NSS databases with it.
+    (Bin("certutil"), "libnss3-tools", Apt),
     // The OpenID provider the identity tests run (npm `oidc-provider`).
     (NpmTree("tests/oidc"), "tests/oidc", NpmCi),
 ];
