@@ -9,18 +9,26 @@ use std::{
     sync::RwLock,
 };
 
-/// The cgroup2 mount point, from /proc/self/mountinfo (never assumed: it is
-/// /sys/fs/cgroup on most systemd hosts, /sys/fs/cgroup/unified on hybrid).
-pub fn mount() -> io::Result<PathBuf> {
+/// Mount points of filesystems of type `fstype`, from /proc/self/mountinfo.
+pub fn mount_points(fstype: &str) -> io::Result<Vec<PathBuf>> {
     let info = fs::read_to_string("/proc/self/mountinfo")?;
-    info.lines()
-        .find_map(|l| {
+    Ok(info
+        .lines()
+        .filter_map(|l| {
             let (left, right) = l.split_once(" - ")?;
-            right
-                .starts_with("cgroup2 ")
+            (right.split(' ').next() == Some(fstype))
                 .then(|| left.split(' ').nth(4).map(PathBuf::from))
                 .flatten()
         })
+        .collect())
+}
+
+/// The cgroup2 mount point, from /proc/self/mountinfo (never assumed: it is
+/// /sys/fs/cgroup on most systemd hosts, /sys/fs/cgroup/unified on hybrid).
+pub fn mount() -> io::Result<PathBuf> {
+    mount_points("cgroup2")?
+        .into_iter()
+        .next()
         .ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::NotFound,

@@ -60,6 +60,15 @@ struct Live {
     origin: String,
 }
 
+impl Live {
+    fn new(cfg: &Config) -> Arc<Live> {
+        Arc::new(Live {
+            policy: Arc::new(cfg.policy.clone()),
+            origin: cfg.origin.clone(),
+        })
+    }
+}
+
 impl State {
     pub fn policy(&self) -> Arc<Policy> {
         // A poisoned lock means a reload panicked; refuse rather than guess.
@@ -165,10 +174,7 @@ pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         fast: FastPath::default(),
         fast_path: cfg.daemon.fast_path,
         pin_dir: cfg.daemon.pin_dir.clone(),
-        config: RwLock::new(Arc::new(Live {
-            policy: Arc::new(cfg.policy.clone()),
-            origin: cfg.origin.clone(),
-        })),
+        config: RwLock::new(Live::new(&cfg)),
     });
 
     let admin = admin::bind(&cfg.daemon.admin_socket)?;
@@ -265,10 +271,7 @@ pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
 fn reload(state: &State, path: Option<&std::path::Path>) {
     match Config::load(path) {
         Ok(cfg) => {
-            let live = Arc::new(Live {
-                policy: Arc::new(cfg.policy.clone()),
-                origin: cfg.origin.clone(),
-            });
+            let live = Live::new(&cfg);
             if let Ok(mut l) = state.config.write() {
                 *l = live;
             }

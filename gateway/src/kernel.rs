@@ -15,7 +15,7 @@
 mod raw;
 
 use std::{
-    collections::BTreeSet,
+    collections::HashSet,
     ffi::CString,
     fs, io,
     os::fd::{AsFd, AsRawFd, OwnedFd},
@@ -110,9 +110,9 @@ impl Maps {
 
     /// Replaces the UDP allow-list with `keys`.
     pub fn set_udp_allow(&self, keys: &[UdpAllowKey]) -> io::Result<()> {
-        let wanted: BTreeSet<_> = keys.iter().map(key_bytes).collect();
+        let wanted: HashSet<_> = keys.iter().collect();
         for old in self.udp_allow.keys::<UdpAllowKey>() {
-            if !wanted.contains(&key_bytes(&old)) {
+            if !wanted.contains(&old) {
                 let _ = self.udp_allow.delete(&old);
             }
         }
@@ -157,10 +157,6 @@ impl Maps {
     }
 }
 
-fn key_bytes(k: &UdpAllowKey) -> ([u32; 4], u16) {
-    (k.addr, k.port)
-}
-
 /// A cgroup enforcement is attached to.
 #[derive(Debug, Clone)]
 pub struct Attached {
@@ -189,19 +185,13 @@ fn object_hash() -> String {
 
 /// Mounts bpffs at /sys/fs/bpf when `pin_dir` is not on one already.
 pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), KernelError> {
-    let mountinfo =
-        fs::read_to_string("/proc/self/mountinfo").map_err(|source| KernelError::Io {
+    let on_bpffs = crate::cgroup::mount_points("bpf")
+        .map_err(|source| KernelError::Io {
             what: "reading /proc/self/mountinfo".into(),
             source,
-        })?;
-    let on_bpffs = mountinfo.lines().any(|l| {
-        let mut parts = l.split(" - ");
-        let (Some(left), Some(right)) = (parts.next(), parts.next()) else {
-            return false;
-        };
-        let mount_point = left.split(' ').nth(4).unwrap_or("");
-        right.starts_with("bpf ") && pin_dir.starts_with(mount_point)
-    });
+        })?
+        .iter()
+        .any(|m| pin_dir.starts_with(m));
     if on_bpffs {
         return Ok(());
     }

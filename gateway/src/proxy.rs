@@ -45,7 +45,11 @@ pub fn ip_to_words(ip: IpAddr) -> [u32; 4] {
         IpAddr::V4(v4) => v4.to_ipv6_mapped(),
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(v6, |v4| v4.to_ipv6_mapped()),
     };
-    let b = v6.octets();
+    octets_to_words(v6.octets())
+}
+
+/// Sixteen address bytes as the four kernel words holding them.
+pub fn octets_to_words(b: [u8; 16]) -> [u32; 4] {
     std::array::from_fn(|i| {
         u32::from_ne_bytes([b[i * 4], b[i * 4 + 1], b[i * 4 + 2], b[i * 4 + 3]])
     })

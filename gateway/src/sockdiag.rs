@@ -51,12 +51,7 @@ struct Request {
 fn words(a: SocketAddr) -> [u32; 4] {
     match a {
         SocketAddr::V4(v4) => [u32::from_ne_bytes(v4.ip().octets()), 0, 0, 0],
-        SocketAddr::V6(v6) => {
-            let b = v6.ip().octets();
-            std::array::from_fn(|i| {
-                u32::from_ne_bytes([b[i * 4], b[i * 4 + 1], b[i * 4 + 2], b[i * 4 + 3]])
-            })
-        }
+        SocketAddr::V6(v6) => crate::proxy::octets_to_words(v6.ip().octets()),
     }
 }
 

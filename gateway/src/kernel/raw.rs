@@ -62,10 +62,11 @@ impl RawMap {
         }
     }
 
-    pub fn lookup<K: Copy, V: Copy>(&self, key: &K) -> Option<V> {
+    /// Runs an element command that fills a value buffer for `key`.
+    fn read_value<K: Copy, V: Copy>(&self, cmd: libc::c_long, key: &K) -> Option<V> {
         let mut v = MaybeUninit::<V>::uninit();
         self.call(
-            BPF_MAP_LOOKUP_ELEM,
+            cmd,
             std::ptr::from_ref(key) as u64,
             v.as_mut_ptr() as u64,
             0,
@@ -75,17 +76,12 @@ impl RawMap {
         Some(unsafe { v.assume_init() })
     }
 
+    pub fn lookup<K: Copy, V: Copy>(&self, key: &K) -> Option<V> {
+        self.read_value(BPF_MAP_LOOKUP_ELEM, key)
+    }
+
     pub fn lookup_and_delete<K: Copy, V: Copy>(&self, key: &K) -> Option<V> {
-        let mut v = MaybeUninit::<V>::uninit();
-        self.call(
-            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
-            std::ptr::from_ref(key) as u64,
-            v.as_mut_ptr() as u64,
-            0,
-        )
-        .ok()?;
-        // SAFETY: the kernel filled all `size_of::<V>()` bytes.
-        Some(unsafe { v.assume_init() })
+        self.read_value(BPF_MAP_LOOKUP_AND_DELETE_ELEM, key)
     }
 
     pub fn update<K: Copy, V: Copy>(&self, key: &K, value: &V) -> io::Result<()> {
