@@ -45,6 +45,11 @@ pub const TEST: &[(Check, &str, Installer)] = &[
     (Bin("ps"), "procps", Apt),
     // `gateway ca trust --nssdb` puts the CA into NSS databases with it.
     (Bin("certutil"), "libnss3-tools", Apt),
+    // Real headless Chromium for the interception tests (no proxy flags).
+    (Bin("chromium"), "chromium", Apt),
+    // The benchmark's peer: mitmproxy in transparent mode, behind iptables.
+    (Bin("mitmdump"), "mitmproxy", Apt),
+    (Bin("iptables"), "iptables", Apt),
     // The OpenID provider the identity tests run (npm `oidc-provider`).
     (NpmTree("tests/oidc"), "tests/oidc", NpmCi),
 ];
@@ -53,7 +58,7 @@ pub const TEST: &[(Check, &str, Installer)] = &[
 pub fn bench() -> Vec<(Check, &'static str, Installer)> {
     TEST.iter()
         .copied()
-        .filter(|(_, pkg, _)| ["iproute2", "nginx", "wrk"].contains(pkg))
+        .filter(|(_, pkg, _)| ["iproute2", "nginx", "wrk", "mitmproxy", "iptables"].contains(pkg))
         .collect()
 }
 
