@@ -24,16 +24,21 @@
 //! bounded by its holdback (default [`stream::DEFAULT_HOLDBACK`], 4096 bytes) plus one chunk.
 
 pub mod detectors;
+mod encoding;
 mod json;
 mod stream;
 #[cfg(test)]
 mod tests;
 
 use std::collections::BTreeMap;
+use std::ops::Deref;
+use std::sync::Arc;
 
 use regex::bytes::Regex;
 use serde::Deserialize;
 
+#[allow(unused_imports)] // The proxy's body streams use these once wired.
+pub use encoding::{EncodedMasker, EncodingError};
 pub use json::JsonPath;
 pub use stream::StreamMasker;
 
@@ -95,6 +100,23 @@ pub(crate) struct Rule {
     pub group: Option<usize>,
     pub validate: detectors::Validator,
     pub keep_last4: bool,
+}
+
+/// A spec borrowed, or shared so that a masker can be `'static`.
+#[derive(Clone)]
+pub(crate) enum SpecRef<'a> {
+    Borrowed(&'a MaskSpec),
+    Shared(Arc<MaskSpec>),
+}
+
+impl Deref for SpecRef<'_> {
+    type Target = MaskSpec;
+    fn deref(&self) -> &MaskSpec {
+        match self {
+            SpecRef::Borrowed(s) => s,
+            SpecRef::Shared(s) => s,
+        }
+    }
 }
 
 /// A compiled masking specification; cheap to share behind an `Arc`.
@@ -360,7 +382,7 @@ enum Mode<'a> {
 /// buffered up to `structured_cap` bytes and masked structurally; past the
 /// cap (or if they do not parse) they are masked as streaming text.
 pub struct BodyMasker<'a> {
-    spec: &'a MaskSpec,
+    spec: SpecRef<'a>,
     mode: Mode<'a>,
     cap: usize,
     counts: Counts,
@@ -372,12 +394,29 @@ impl<'a> BodyMasker<'a> {
     }
 
     pub fn with_cap(spec: &'a MaskSpec, content_type: Option<&str>, cap: usize) -> BodyMasker<'a> {
+        BodyMasker::from_ref(SpecRef::Borrowed(spec), content_type, cap)
+    }
+
+    /// Like [`BodyMasker::with_cap`], owning a share of the spec, so the
+    /// masker can live in a `'static` body stream.
+    pub fn shared(
+        spec: Arc<MaskSpec>,
+        content_type: Option<&str>,
+        cap: usize,
+    ) -> BodyMasker<'static> {
+        BodyMasker::from_ref(SpecRef::Shared(spec), content_type, cap)
+    }
+
+    fn from_ref(spec: SpecRef<'a>, content_type: Option<&str>, cap: usize) -> BodyMasker<'a> {
         let mode = match BodyKind::from_content_type(content_type) {
             k @ (BodyKind::Json | BodyKind::Form) => Mode::Structured {
                 kind: k,
                 buf: Vec::new(),
             },
-            BodyKind::Text => Mode::Stream(StreamMasker::new(spec)),
+            BodyKind::Text => Mode::Stream(StreamMasker::from_ref(
+                spec.clone(),
+                stream::DEFAULT_HOLDBACK,
+            )),
             BodyKind::Opaque => Mode::Opaque,
         };
         BodyMasker {
@@ -398,7 +437,7 @@ impl<'a> BodyMasker<'a> {
                     return Vec::new();
                 }
                 let held = std::mem::take(buf);
-                let mut s = StreamMasker::new(self.spec);
+                let mut s = StreamMasker::from_ref(self.spec.clone(), stream::DEFAULT_HOLDBACK);
                 let mut out = s.push(&held);
                 out.extend(s.push(chunk));
                 self.mode = Mode::Stream(s);
@@ -417,8 +456,8 @@ impl<'a> BodyMasker<'a> {
             }
             Mode::Structured { kind, buf } => {
                 let done = match kind {
-                    BodyKind::Json => json::mask_json(self.spec, &buf, &mut self.counts),
-                    _ => Some(mask_form(self.spec, &buf, &mut self.counts)),
+                    BodyKind::Json => json::mask_json(&self.spec, &buf, &mut self.counts),
+                    _ => Some(mask_form(&self.spec, &buf, &mut self.counts)),
                 };
                 done.unwrap_or_else(|| self.spec.mask_text(&buf, &mut self.counts))
             }
@@ -436,6 +475,16 @@ impl<'a> BodyMasker<'a> {
 
     pub fn masked_count(&self) -> u64 {
         self.counts().total()
+    }
+
+    /// Body bytes held right now, not yet returned: the structured buffer
+    /// (up to the cap) or the streaming masker's pending text.
+    pub fn buffered(&self) -> usize {
+        match &self.mode {
+            Mode::Structured { buf, .. } => buf.len(),
+            Mode::Stream(s) => s.buffered(),
+            Mode::Opaque => 0,
+        }
     }
 }
 

@@ -16,12 +16,12 @@
 //! and is passed through untouched.
 
 use super::detectors::{CONTEXT_BYTES, MAX_BUILTIN_MATCH};
-use super::{Counts, MaskSpec, replacement, scan};
+use super::{Counts, MaskSpec, SpecRef, replacement, scan};
 
 pub const DEFAULT_HOLDBACK: usize = 4096;
 
 pub struct StreamMasker<'a> {
-    spec: &'a MaskSpec,
+    spec: SpecRef<'a>,
     holdback: usize,
     /// `buf[..ctx]` is already emitted (look-behind context only);
     /// `buf[ctx..]` is pending.
@@ -39,6 +39,10 @@ impl<'a> StreamMasker<'a> {
     /// A smaller holdback saves memory but only catches split matches up to
     /// about `holdback / 2` bytes long. Values below 64 are raised to 64.
     pub fn with_holdback(spec: &'a MaskSpec, holdback: usize) -> StreamMasker<'a> {
+        StreamMasker::from_ref(SpecRef::Borrowed(spec), holdback)
+    }
+
+    pub(crate) fn from_ref(spec: SpecRef<'a>, holdback: usize) -> StreamMasker<'a> {
         StreamMasker {
             spec,
             holdback: holdback.max(64),
@@ -92,7 +96,7 @@ impl<'a> StreamMasker<'a> {
         let len = self.buf.len();
         let mut hits = Vec::new();
         self.raw.clear();
-        scan(self.spec, &self.buf, self.ctx, &mut self.raw, &mut hits);
+        scan(&self.spec, &self.buf, self.ctx, &mut self.raw, &mut hits);
         let mut cut = if last { len } else { len - self.holdback };
         if !last {
             // Never cut inside a regex match: the next scan restarts at the
