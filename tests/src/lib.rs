@@ -15,6 +15,8 @@ pub mod net;
 pub mod oidc;
 pub mod origin;
 pub mod probe;
+pub mod tlsca;
+pub mod web;
 
 use std::path::{Path, PathBuf};
 use std::sync::Once;
