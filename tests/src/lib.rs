@@ -7,6 +7,7 @@
 //! `Drop`, so a crashed run cannot break the next one.
 
 pub mod cgroup;
+pub mod chromium;
 pub mod daemon;
 pub mod dns;
 pub mod errno;
