@@ -6,15 +6,18 @@ use std::{
     collections::{BTreeMap, HashSet},
     fmt,
     net::{IpAddr, SocketAddr},
+    ops::Range,
     path::{Path, PathBuf},
     time::Duration,
 };
 
+use rustls::pki_types::{CertificateDer, pem::PemObject};
 use serde::Deserialize;
+use toml::Spanned;
 
 use crate::{
     oidc::{Alg, ClientCredentials, Secret, TrustedIssuer},
-    policy::{Policy, RawRule},
+    policy::{Policy, RawRule, SecretValue},
 };
 
 /// Where `gateway run` looks when no `--config` is given.
@@ -56,6 +59,31 @@ struct RawConfig {
     identities: Vec<RawIdentity>,
     #[serde(default)]
     policy: RawPolicy,
+    #[serde(default, rename = "secret")]
+    secrets: Vec<RawSecret>,
+    #[serde(default)]
+    interception: RawInterception,
+}
+
+/// `[[secret]]`: a value `inject` may set as a request header.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSecret {
+    name: Spanned<String>,
+    file: Option<Spanned<PathBuf>>,
+    /// A systemd credential (`LoadCredential=`), read from
+    /// `$CREDENTIALS_DIRECTORY/<name>`.
+    credential: Option<Spanned<String>>,
+}
+
+/// `[interception]`: TLS interception and HTTP inspection settings.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawInterception {
+    upstream_ca_files: Vec<Spanned<PathBuf>>,
+    system_roots: Option<bool>,
+    sniff_timeout_ms: Option<Spanned<u64>>,
+    max_decoded_bytes: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -199,6 +227,127 @@ pub struct Config {
     pub trusted_issuers: Vec<TrustedIssuer>,
     pub identities: Vec<Identity>,
     pub policy: Policy,
+    /// The `[[secret]]`s: names and sources only; the values live in the
+    /// policy's injections.
+    pub secrets: Vec<SecretInfo>,
+    pub interception: Interception,
+}
+
+/// Where a secret (or a client secret) is read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    File(PathBuf),
+    /// A systemd credential name, read from `$CREDENTIALS_DIRECTORY/<name>`.
+    Credential(String),
+}
+
+impl fmt::Display for SecretSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SecretSource::File(p) => write!(f, "file {}", p.display()),
+            SecretSource::Credential(c) => write!(f, "credential {c}"),
+        }
+    }
+}
+
+/// What the process environment contributes to loading a config; tests
+/// pass their own instead of changing the process's environment.
+#[derive(Debug, Clone, Default)]
+pub struct LoadEnv {
+    /// `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`).
+    pub credentials_directory: Option<PathBuf>,
+}
+
+impl LoadEnv {
+    pub fn from_process() -> LoadEnv {
+        LoadEnv {
+            credentials_directory: std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from),
+        }
+    }
+}
+
+impl SecretSource {
+    /// The file the secret is read from.
+    pub fn path(&self, env: &LoadEnv) -> Result<PathBuf, String> {
+        match self {
+            SecretSource::File(p) => Ok(p.clone()),
+            SecretSource::Credential(name) => {
+                if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+                    return Err(format!(
+                        "credential {name:?} is not a credential name; write the name given to LoadCredential= (no '/')"
+                    ));
+                }
+                let dir = env.credentials_directory.as_ref().ok_or_else(|| {
+                    format!(
+                        "credential {name:?}: $CREDENTIALS_DIRECTORY is not set (use LoadCredential={name}:/path in the unit, or a file)"
+                    )
+                })?;
+                Ok(dir.join(name))
+            }
+        }
+    }
+
+    /// Reads the secret's bytes. Errors name the file, never the content.
+    pub fn read(&self, env: &LoadEnv) -> Result<(PathBuf, Vec<u8>), String> {
+        use std::io::Read as _;
+        let path = self.path(env)?;
+        let mut bytes = Vec::new();
+        std::fs::File::open(&path)
+            .and_then(|f| f.take(SECRET_MAX_BYTES + 1).read_to_end(&mut bytes))
+            .map_err(|e| match self {
+                SecretSource::File(_) => format!("cannot read {}: {e}", path.display()),
+                SecretSource::Credential(name) => {
+                    format!("cannot read credential {name:?} at {}: {e}", path.display())
+                }
+            })?;
+        if bytes.len() as u64 > SECRET_MAX_BYTES {
+            return Err(format!(
+                "{} is larger than {SECRET_MAX_BYTES} bytes; a secret is one short line",
+                path.display()
+            ));
+        }
+        Ok((path, bytes))
+    }
+}
+
+/// Secrets (and client secrets) longer than this are refused.
+const SECRET_MAX_BYTES: u64 = 64 * 1024;
+
+/// A `[[secret]]` as `gateway check` may show it: never the value.
+#[derive(Debug, Clone)]
+pub struct SecretInfo {
+    pub name: String,
+    pub source: SecretSource,
+    /// The file it was read from.
+    pub path: PathBuf,
+}
+
+/// `[interception]`.
+#[derive(Debug, Clone)]
+pub struct Interception {
+    /// PEM files trusted for upstream TLS, besides the system roots.
+    pub upstream_ca_files: Vec<PathBuf>,
+    /// Their certificates, read and parsed at load.
+    pub upstream_cas: Vec<CertificateDer<'static>>,
+    /// Trust the system's root store for upstream TLS.
+    pub system_roots: bool,
+    /// How long to wait for a client's first bytes (ClientHello, request
+    /// line) before deciding on what is known.
+    pub sniff_timeout: Duration,
+    /// Cap on a decompressed response body while masking.
+    pub max_decoded_bytes: u64,
+}
+
+impl Default for Interception {
+    fn default() -> Self {
+        Interception {
+            upstream_ca_files: Vec::new(),
+            upstream_cas: Vec::new(),
+            system_roots: true,
+            sniff_timeout: Duration::from_millis(1000),
+            max_decoded_bytes: 64 * 1024 * 1024,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -278,6 +427,12 @@ impl Config {
     }
 
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        Config::parse_with(text, origin, &LoadEnv::from_process())
+    }
+
+    /// [`Config::parse`] with an explicit environment (secrets read from
+    /// `$CREDENTIALS_DIRECTORY`).
+    pub fn parse_with(text: &str, origin: &str, env: &LoadEnv) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
             ConfigError::Syntax {
@@ -287,7 +442,50 @@ impl Config {
                 message: e.message().to_string(),
             }
         })?;
-        validate(raw, origin)
+        validate(raw, origin, text, env)
+    }
+
+    /// The policy part of `gateway check`: secrets (names and sources,
+    /// never values), interception settings, the decision semantics and
+    /// the rules in order.
+    pub fn policy_report(&self) -> String {
+        use fmt::Write as _;
+        let mut out = String::new();
+        for s in &self.secrets {
+            let at = match s.source {
+                SecretSource::File(_) => String::new(),
+                SecretSource::Credential(_) => format!(" ({})", s.path.display()),
+            };
+            let _ = writeln!(out, "secret {}: {}{at}, value not shown", s.name, s.source);
+        }
+        let i = &self.interception;
+        let cas: Vec<String> = i
+            .upstream_ca_files
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        let _ = writeln!(
+            out,
+            "interception: upstream trust {}{}, sniff timeout {} ms, decoded bodies up to {} bytes",
+            if i.system_roots {
+                "system roots"
+            } else {
+                "no system roots"
+            },
+            if cas.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " + [{}] ({} certificates)",
+                    cas.join(", "),
+                    i.upstream_cas.len()
+                )
+            },
+            i.sniff_timeout.as_millis(),
+            i.max_decoded_bytes
+        );
+        let _ = write!(out, "{}", self.policy);
+        out
     }
 
     /// The identity bound to `name`.
@@ -310,10 +508,25 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
+fn validate(
+    raw: RawConfig,
+    origin: &str,
+    text: &str,
+    env: &LoadEnv,
+) -> Result<Config, ConfigError> {
     let invalid = |message: String| ConfigError::Invalid {
         origin: origin.to_string(),
         message,
+    };
+    // An error about a value: file:line:column of that value.
+    let at = |span: Range<usize>, message: String| {
+        let (line, column) = line_col(text, span.start);
+        ConfigError::Syntax {
+            origin: origin.to_string(),
+            line,
+            column,
+            message,
+        }
     };
     let d = raw.daemon;
     if d.proxy_port != 0 && d.proxy_port == d.dns_port {
@@ -424,7 +637,8 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
                 }
             }
             (None, Some(cc), None) => IdentitySource::ClientCredentials(
-                client_credentials(cc).map_err(|m| invalid(format!("identity {name:?}: {m}")))?,
+                client_credentials(cc, env)
+                    .map_err(|m| invalid(format!("identity {name:?}: {m}")))?,
             ),
             (None, None, Some(en)) => {
                 for i in &en.issuers {
@@ -462,8 +676,18 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             duty_mapping: raw.duty_mapping,
         });
     }
-    let policy = Policy::build(raw.policy.version, raw.policy.default, raw.policy.rules)
-        .map_err(|m| invalid(format!("policy: {m}")))?;
+    let (secrets, secret_values) = load_secrets(raw.secrets, env, &at)?;
+    let interception = interception(raw.interception, &at, &invalid)?;
+    let policy = Policy::build(
+        raw.policy.version,
+        raw.policy.default,
+        raw.policy.rules,
+        &secret_values,
+    )
+    .map_err(|e| match e.span {
+        Some(span) => at(span, format!("policy: {}", e.message)),
+        None => invalid(format!("policy: {}", e.message)),
+    })?;
     Ok(Config {
         origin: origin.to_string(),
         daemon: Daemon {
@@ -483,31 +707,171 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
         trusted_issuers,
         identities,
         policy,
+        secrets,
+        interception,
     })
 }
 
-fn client_credentials(cc: RawClientCredentials) -> Result<ClientCredentials, String> {
-    let secret = match (&cc.client_secret_file, &cc.client_secret_credential) {
-        (Some(path), None) => std::fs::read_to_string(path).map_err(|e| {
-            format!(
-                "client_credentials.client_secret_file {}: {e}",
-                path.display()
-            )
-        })?,
-        (None, Some(name)) => {
-            let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| {
-                format!("client_credentials.client_secret_credential {name:?}: $CREDENTIALS_DIRECTORY is not set (use LoadCredential= in the unit, or client_secret_file)")
-            })?;
-            let path = PathBuf::from(dir).join(name);
-            std::fs::read_to_string(&path)
-                .map_err(|e| format!("credential {}: {e}", path.display()))?
+/// Reads every `[[secret]]` (at load and at every reload). Errors point at
+/// the secret and name the file; they never contain the value.
+fn load_secrets(
+    raw: Vec<RawSecret>,
+    env: &LoadEnv,
+    at: &impl Fn(Range<usize>, String) -> ConfigError,
+) -> Result<(Vec<SecretInfo>, BTreeMap<String, SecretValue>), ConfigError> {
+    let mut infos = Vec::new();
+    let mut values = BTreeMap::new();
+    for s in raw {
+        let name = s.name.get_ref().clone();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(at(
+                s.name.span(),
+                format!(
+                    "secret name {name:?} must be non-empty and use only letters, digits, '-', '_' and '.'"
+                ),
+            ));
         }
+        if values.contains_key(&name) {
+            return Err(at(
+                s.name.span(),
+                format!("secret {name:?} is defined twice; give each [[secret]] its own name"),
+            ));
+        }
+        let (source, span) = match (s.file, s.credential) {
+            (Some(f), None) => (SecretSource::File(f.get_ref().clone()), f.span()),
+            (None, Some(c)) => (SecretSource::Credential(c.get_ref().clone()), c.span()),
+            _ => {
+                return Err(at(
+                    s.name.span(),
+                    format!(
+                        "secret {name:?} needs exactly one of file = \"/path\" or credential = \"name\" (systemd LoadCredential=)"
+                    ),
+                ));
+            }
+        };
+        let (path, bytes) = source
+            .read(env)
+            .map_err(|m| at(span.clone(), format!("secret {name:?}: {m}")))?;
+        let value = SecretValue::from_file_bytes(&bytes).map_err(|e| {
+            at(
+                span.clone(),
+                format!(
+                    "secret {name:?} ({}): {e}; store only the header value, on one line",
+                    path.display()
+                ),
+            )
+        })?;
+        values.insert(name.clone(), value);
+        infos.push(SecretInfo { name, source, path });
+    }
+    Ok((infos, values))
+}
+
+fn interception(
+    raw: RawInterception,
+    at: &impl Fn(Range<usize>, String) -> ConfigError,
+    invalid: &impl Fn(String) -> ConfigError,
+) -> Result<Interception, ConfigError> {
+    let d = Interception::default();
+    let mut upstream_cas = Vec::new();
+    let mut upstream_ca_files = Vec::new();
+    for f in &raw.upstream_ca_files {
+        let path = f.get_ref();
+        let hint = "give a PEM file of CA certificates (-----BEGIN CERTIFICATE-----)";
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| {
+                at(
+                    f.span(),
+                    format!(
+                        "interception.upstream_ca_files: {}: {e}; {hint}",
+                        path.display()
+                    ),
+                )
+            })?;
+        if certs.is_empty() {
+            return Err(at(
+                f.span(),
+                format!(
+                    "interception.upstream_ca_files: {} holds no certificate; {hint}",
+                    path.display()
+                ),
+            ));
+        }
+        for (n, c) in certs.iter().enumerate() {
+            if let Err(e) = x509_parser::parse_x509_certificate(c) {
+                return Err(at(
+                    f.span(),
+                    format!(
+                        "interception.upstream_ca_files: {}: certificate {} is not a valid X.509 certificate ({e}); {hint}",
+                        path.display(),
+                        n + 1
+                    ),
+                ));
+            }
+        }
+        upstream_ca_files.push(path.clone());
+        upstream_cas.extend(certs);
+    }
+    let positive = |v: &Option<Spanned<u64>>, key: &str, default: u64| match v {
+        Some(s) if *s.get_ref() == 0 => Err(at(
+            s.span(),
+            format!("interception.{key} must be greater than 0 (default {default})"),
+        )),
+        Some(s) => Ok(*s.get_ref()),
+        None => Ok(default),
+    };
+    let sniff_ms = positive(
+        &raw.sniff_timeout_ms,
+        "sniff_timeout_ms",
+        u64::try_from(d.sniff_timeout.as_millis()).unwrap_or(1000),
+    )?;
+    let max_decoded_bytes = positive(
+        &raw.max_decoded_bytes,
+        "max_decoded_bytes",
+        d.max_decoded_bytes,
+    )?;
+    let system_roots = raw.system_roots.unwrap_or(d.system_roots);
+    if !system_roots && upstream_cas.is_empty() {
+        return Err(invalid(
+            "interception.system_roots = false and no upstream_ca_files: no upstream could be verified; add upstream_ca_files or leave system_roots on".into(),
+        ));
+    }
+    Ok(Interception {
+        upstream_ca_files,
+        upstream_cas,
+        system_roots,
+        sniff_timeout: Duration::from_millis(sniff_ms),
+        max_decoded_bytes,
+    })
+}
+
+fn client_credentials(
+    cc: RawClientCredentials,
+    env: &LoadEnv,
+) -> Result<ClientCredentials, String> {
+    let (source, key) = match (&cc.client_secret_file, &cc.client_secret_credential) {
+        (Some(path), None) => (
+            SecretSource::File(path.clone()),
+            "client_credentials.client_secret_file",
+        ),
+        (None, Some(name)) => (
+            SecretSource::Credential(name.clone()),
+            "client_credentials.client_secret_credential",
+        ),
         _ => {
             return Err(
                 "client_credentials needs exactly one of client_secret_file or client_secret_credential".into(),
             );
         }
     };
+    let (path, bytes) = source.read(env).map_err(|m| format!("{key}: {m}"))?;
+    let secret = String::from_utf8(bytes)
+        .map_err(|_| format!("{key}: {} is not UTF-8 text", path.display()))?;
     let secret = secret.trim_end_matches(['\n', '\r']).to_string();
     if secret.is_empty() {
         return Err("client_credentials: the client secret is empty".into());

@@ -316,15 +316,7 @@ fn print_effective(cfg: &config::Config) {
             );
         }
     }
-    println!(
-        "policy v{}: {} rules, first match decides, else default {}",
-        cfg.policy.version,
-        cfg.policy.rules.len(),
-        cfg.policy.default
-    );
-    for r in &cfg.policy.rules {
-        println!("  rule {r}");
-    }
+    print!("{}", cfg.policy_report());
 }
 
 fn print_status(s: &serde_json::Value) {

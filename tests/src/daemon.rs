@@ -84,6 +84,18 @@ pub struct Rule {
     pub ips: Vec<String>,
     /// `"20001"` or `"20002-20010"`.
     pub ports: Vec<String>,
+    /// HTTP methods, e.g. `GET`.
+    pub methods: Vec<String>,
+    /// Path globs, e.g. `/v1/charges/**`.
+    pub paths: Vec<String>,
+    /// Header name → value glob (`*`: present).
+    pub headers: Vec<(String, String)>,
+    /// `mask` items as TOML, e.g. `"email"` (quoted) or `{ json = "$.a" }`;
+    /// [`Rule::mask_detector`], [`Rule::mask_json`] and
+    /// [`Rule::mask_regex`] write them.
+    pub mask: Vec<String>,
+    /// `inject = { header, secret }`: (header, secret name).
+    pub inject: Option<(String, String)>,
 }
 
 impl Rule {
@@ -95,6 +107,31 @@ impl Rule {
         }
     }
 
+    /// Adds a built-in mask detector (`email`, `credit_card`, ...).
+    pub fn mask_detector(mut self, name: &str) -> Rule {
+        self.mask.push(q(name));
+        self
+    }
+
+    /// Adds a JSON field selector, e.g. `$.customer.tax_id`.
+    pub fn mask_json(mut self, path: &str) -> Rule {
+        self.mask.push(format!("{{ json = {} }}", q(path)));
+        self
+    }
+
+    /// Adds a custom regex masked as `[MASKED:<name>]`.
+    pub fn mask_regex(mut self, regex: &str, name: &str) -> Rule {
+        self.mask
+            .push(format!("{{ regex = {}, name = {} }}", q(regex), q(name)));
+        self
+    }
+
+    /// Sets `inject = { header, secret }`.
+    pub fn inject(mut self, header: &str, secret: &str) -> Rule {
+        self.inject = Some((header.into(), secret.into()));
+        self
+    }
+
     fn to_toml(&self) -> String {
         let mut t = String::from("\n[[policy.rule]]\n");
         t += &format!("id = {}\n", q(&self.id));
@@ -103,6 +140,8 @@ impl Rule {
             ("duties", &self.duties),
             ("hosts", &self.hosts),
             ("ips", &self.ips),
+            ("methods", &self.methods),
+            ("paths", &self.paths),
         ];
         for (key, list) in lists {
             if !list.is_empty() {
@@ -122,6 +161,24 @@ impl Rule {
         }
         if !self.claims.is_empty() {
             t += &format!("claims = {}\n", q_map(&self.claims));
+        }
+        if !self.headers.is_empty() {
+            let items: Vec<String> = self
+                .headers
+                .iter()
+                .map(|(k, v)| format!("{} = {}", q(k), q(v)))
+                .collect();
+            t += &format!("headers = {{ {} }}\n", items.join(", "));
+        }
+        if !self.mask.is_empty() {
+            t += &format!("mask = [{}]\n", self.mask.join(", "));
+        }
+        if let Some((header, secret)) = &self.inject {
+            t += &format!(
+                "inject = {{ header = {}, secret = {} }}\n",
+                q(header),
+                q(secret)
+            );
         }
         t += &format!("action = {}\n", q(&self.action));
         t
@@ -163,6 +220,12 @@ pub struct Config {
     pub oidc_identities: Vec<OidcIdentity>,
     /// `[[policy.rule]]`s in order (first match decides).
     pub rules: Vec<Rule>,
+    /// `[[secret]]`s: (name, file holding the value).
+    pub secrets: Vec<(String, PathBuf)>,
+    /// `interception.upstream_ca_files` (PEM CAs trusted for upstream TLS).
+    pub interception_cas: Vec<PathBuf>,
+    /// `interception.max_decoded_bytes`; the daemon's default when `None`.
+    pub max_decoded_bytes: Option<u64>,
 }
 
 impl Config {
@@ -196,7 +259,30 @@ impl Config {
             trusted_issuers: Vec::new(),
             oidc_identities: Vec::new(),
             rules: Vec::new(),
+            secrets: Vec::new(),
+            interception_cas: Vec::new(),
+            max_decoded_bytes: None,
         }
+    }
+
+    /// A `[[secret]]` read from `file` (written by the test).
+    pub fn secret(mut self, name: &str, file: impl Into<PathBuf>) -> Config {
+        self.secrets.push((name.into(), file.into()));
+        self
+    }
+
+    /// A `[[secret]]` whose value the harness writes to a file in the
+    /// config dir.
+    pub fn secret_value(self, name: &str, value: &str) -> Config {
+        let file = self.dir().join(format!("secret-{name}"));
+        std::fs::write(&file, value).expect("write secret file");
+        self.secret(name, file)
+    }
+
+    /// Trust this PEM CA for upstream TLS (`interception.upstream_ca_files`).
+    pub fn interception_ca(mut self, path: impl Into<PathBuf>) -> Config {
+        self.interception_cas.push(path.into());
+        self
     }
 
     /// Add a client-credentials identity `name` bound to a fresh cgroup; the
@@ -357,6 +443,23 @@ impl Config {
             }
             if !id.duty_mapping.is_empty() {
                 t += &format!("duty_mapping = {}\n", q_map(&id.duty_mapping));
+            }
+        }
+        for (name, file) in &self.secrets {
+            t += "\n[[secret]]\n";
+            t += &format!("name = {}\n", q(name));
+            t += &format!("file = {}\n", q(file.to_string_lossy()));
+        }
+        if !self.interception_cas.is_empty() || self.max_decoded_bytes.is_some() {
+            let files: Vec<String> = self
+                .interception_cas
+                .iter()
+                .map(|p| p.to_string_lossy().into_owned())
+                .collect();
+            t += "\n[interception]\n";
+            t += &format!("upstream_ca_files = {}\n", q_list(&files));
+            if let Some(max) = self.max_decoded_bytes {
+                t += &format!("max_decoded_bytes = {max}\n");
             }
         }
         t += "\n[policy]\nversion = 1\n";
