@@ -174,48 +174,27 @@ impl Lab {
     fn make_origin_certificate(&self) -> Result<()> {
         let dir = self.dir.join("origin-ca");
         fs::create_dir_all(&dir)?;
-        let openssl = || {
+        // Space-separated arguments; the subjects are added on their own.
+        let openssl = |args: &str| {
             let mut cmd = Command::new("openssl");
-            cmd.current_dir(&dir);
+            cmd.current_dir(&dir).args(args.split(' '));
             cmd
         };
-        util::output(openssl().args([
-            "req",
-            "-x509",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "7",
-            "-subj",
-            "/CN=gateway bench origin CA",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ]))?;
-        util::output(openssl().args([
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "origin.key",
-            "-out",
-            "origin.csr",
-            "-subj",
-            &format!("/CN={}", self.ns_ip),
-        ]))?;
+        const P256: &str = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+        util::output(
+            openssl(&format!(
+                "req -x509 -new {P256} -keyout ca.key -out ca.pem -days 7 \
+                 -addext basicConstraints=critical,CA:TRUE \
+                 -addext keyUsage=critical,keyCertSign,cRLSign"
+            ))
+            .args(["-subj", "/CN=gateway bench origin CA"]),
+        )?;
+        util::output(
+            openssl(&format!(
+                "req -new {P256} -keyout origin.key -out origin.csr"
+            ))
+            .args(["-subj", &format!("/CN={}", self.ns_ip)]),
+        )?;
         fs::write(
             dir.join("origin.ext"),
             format!(
@@ -228,23 +207,10 @@ impl Lab {
                 self.ns_ip
             ),
         )?;
-        util::output(openssl().args([
-            "x509",
-            "-req",
-            "-in",
-            "origin.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "origin.pem",
-            "-days",
-            "7",
-            "-extfile",
-            "origin.ext",
-        ]))?;
+        util::output(&mut openssl(
+            "x509 -req -in origin.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+             -out origin.pem -days 7 -extfile origin.ext",
+        ))?;
         say(format!(
             "origin certificate for {} signed by the bench CA {}",
             self.ns_ip,
