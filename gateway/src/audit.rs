@@ -118,3 +118,73 @@ impl DnsRecord {
         );
     }
 }
+
+/// One HTTP exchange (or WebSocket session) on an intercepted connection.
+/// Emitted when the response body ends, fails, or the client goes away, so
+/// byte and masking counts are final.
+#[derive(Debug, Default, Clone)]
+pub struct HttpRecord {
+    pub session: u64,
+    pub request_id: String,
+    pub identity: String,
+    pub subject: String,
+    pub duties: Vec<String>,
+    pub cgroup: String,
+    pub pid: u32,
+    pub exe: String,
+    pub orig_dst: Option<SocketAddr>,
+    pub host: String,
+    pub tls: bool,
+    pub version: &'static str,
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+    pub decision: &'static str,
+    pub rule: String,
+    pub reason: String,
+    /// Values masked in the response body, in total and by detector.
+    pub masked: u64,
+    pub masked_by: BTreeMap<String, u64>,
+    /// `header←secret` names of injected credentials (never values).
+    pub injected: Vec<String>,
+    pub websocket: bool,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub duration: Duration,
+}
+
+impl HttpRecord {
+    /// `outcome`: complete, blocked, upstream_error, aborted, ...
+    pub fn emit(&self, outcome: &str) {
+        let orig_dst = self.orig_dst.map(|a| a.to_string()).unwrap_or_default();
+        tracing::info!(
+            target: "gateway::audit",
+            event = if self.websocket { "websocket" } else { "http" },
+            session = self.session,
+            request_id = %self.request_id,
+            identity = %self.identity,
+            subject = %self.subject,
+            duties = %self.duties.join(","),
+            cgroup = %self.cgroup,
+            pid = self.pid,
+            exe = %self.exe,
+            orig_dst = %orig_dst,
+            host = %self.host,
+            tls = self.tls,
+            version = self.version,
+            method = %self.method,
+            path = %self.path,
+            status = self.status,
+            decision = self.decision,
+            rule = %self.rule,
+            masked = self.masked,
+            masked_by = %serde_json::to_string(&self.masked_by).unwrap_or_default(),
+            injected = %self.injected.join(","),
+            bytes_up = self.bytes_up,
+            bytes_down = self.bytes_down,
+            duration_ms = self.duration.as_millis() as u64,
+            outcome = outcome,
+            reason = %self.reason,
+        );
+    }
+}

@@ -50,6 +50,8 @@ pub struct State {
     /// Whether allowed L4 flows may use the kernel fast path.
     pub fast_path: bool,
     pub pin_dir: PathBuf,
+    /// The CA, upstream trust and limits of HTTP/TLS interception.
+    pub interception: crate::intercept::Interception,
     config: RwLock<Arc<Live>>,
 }
 
@@ -155,6 +157,9 @@ pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         .iter()
         .flat_map(|i| i.cgroups.clone())
         .collect();
+    let interception =
+        crate::intercept::Interception::new(&cfg.interception, &cfg.daemon.state_dir)
+            .context("preparing HTTP/TLS interception (CA and upstream trust)")?;
     let identities = Arc::new(Identities::from_config(&cfg));
     identities.spawn_refreshers();
     let state = Arc::new(State {
@@ -174,6 +179,7 @@ pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         fast: FastPath::default(),
         fast_path: cfg.daemon.fast_path,
         pin_dir: cfg.daemon.pin_dir.clone(),
+        interception,
         config: RwLock::new(Live::new(&cfg)),
     });
 

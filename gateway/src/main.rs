@@ -9,6 +9,7 @@ mod dns;
 mod exec;
 mod fast;
 mod identity;
+mod intercept;
 mod kernel;
 mod mask;
 mod notify;

@@ -41,7 +41,7 @@
 
 // The HTTP half (plan / decide_connection / decide_request) is wired into
 // the proxy by the interception work; until then only tests call it.
-#![cfg_attr(not(test), allow(dead_code))]
+
 
 pub mod glob;
 pub mod secret;

@@ -21,8 +21,10 @@ use crate::{
     config::Action,
     daemon::State,
     identity::Identity,
-    policy::{Destination, Subject},
+    intercept,
+    policy::{ConnDecision, ConnPlan, Destination, Subject, Traffic},
     relay::{self, Counters, End},
+    tls::sniff,
 };
 
 // === addresses ===
@@ -190,6 +192,8 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
 enum Verdict {
     Forward(Allowed),
     Refuse(String),
+    /// The decision depends on the first bytes (SNI, Host, HTTP request).
+    Sniff(Allowed),
 }
 
 async fn handle(client: TcpStream, peer: SocketAddr, local: SocketAddr, state: Arc<State>) {
@@ -207,9 +211,10 @@ async fn handle(client: TcpStream, peer: SocketAddr, local: SocketAddr, state: A
             (Outcome::Refused, reason)
         }
         Verdict::Forward(allowed) => {
-            let (outcome, how) = forward(client, &allowed, &state, &mut rec).await;
+            let (outcome, how) = forward(client, Vec::new(), &allowed, &state, &mut rec).await;
             (outcome, format!("{}; {how}", allowed.reason))
         }
+        Verdict::Sniff(pending) => sniffed(client, pending, &state, &mut rec).await,
     };
     rec.duration = started.elapsed();
     rec.emit(outcome, &reason);
@@ -268,8 +273,9 @@ fn decide(peer: SocketAddr, local: SocketAddr, state: &State, rec: &mut ConnReco
     rec.identity_source = identity.source;
     rec.claims = identity.claims.clone();
 
-    // Decision: the first matching rule, else the default.
-    let decision = state.policy().decide(
+    // Decision: the first matching rule, else the default — unless it
+    // depends on what the client is about to say.
+    let plan = state.policy().plan(
         &Subject {
             identity: &identity.name,
             duties: &identity.duties,
@@ -281,6 +287,18 @@ fn decide(peer: SocketAddr, local: SocketAddr, state: &State, rec: &mut ConnReco
             host: &rec.host,
         },
     );
+    let decision = match plan {
+        ConnPlan::Decided(d) => d,
+        ConnPlan::Sniff => {
+            return Verdict::Sniff(Allowed {
+                dst,
+                reason: String::new(),
+                cgroup_id: orig.cgroup_id,
+                identity,
+                cacheable: false,
+            });
+        }
+    };
     rec.rule = decision.rule;
     match decision.action {
         Action::Allow => {
@@ -290,6 +308,7 @@ fn decide(peer: SocketAddr, local: SocketAddr, state: &State, rec: &mut ConnReco
                 reason: decision.reason,
                 cgroup_id: orig.cgroup_id,
                 identity,
+                cacheable: true,
             })
         }
         Action::Block => {
@@ -306,23 +325,180 @@ struct Allowed {
     reason: String,
     cgroup_id: u64,
     identity: Arc<Identity>,
+    /// Whether the kernel fast path may reuse the decision: only for
+    /// decisions made on the L4 destination alone, never for ones that read
+    /// the connection's bytes (SNI, Host, HTTP).
+    cacheable: bool,
+}
+
+/// Reads the client's first bytes (bounded in size and time), then decides
+/// with what they say: TLS SNI, HTTP Host, or nothing (opaque TCP).
+async fn sniffed(
+    mut client: TcpStream,
+    mut allowed: Allowed,
+    state: &Arc<State>,
+    rec: &mut ConnRecord,
+) -> (Outcome, String) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::with_capacity(2048);
+    let mut chunk = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + state.interception.sniff_timeout;
+    let sniffed = loop {
+        let want = (sniff::MAX_SNIFF - buf.len()).min(chunk.len());
+        match tokio::time::timeout_at(deadline, client.read(&mut chunk[..want])).await {
+            Ok(Ok(0)) => break sniff::Sniffed::Opaque,
+            Ok(Ok(n)) => {
+                buf.extend_from_slice(&chunk[..n]);
+                match sniff::sniff(&buf) {
+                    sniff::Sniffed::NeedMore if buf.len() < sniff::MAX_SNIFF => continue,
+                    sniff::Sniffed::NeedMore => break sniff::Sniffed::Opaque,
+                    s => break s,
+                }
+            }
+            Ok(Err(e)) => {
+                return (
+                    Outcome::Closed,
+                    format!("client went away before saying anything: {e}"),
+                );
+            }
+            // Server-speaks-first protocols, or a silent client.
+            Err(_) => break sniff::Sniffed::Opaque,
+        }
+    };
+    let dns_host = std::mem::take(&mut rec.host);
+    let (traffic, host, kind) = match sniffed {
+        sniff::Sniffed::Tls { sni, .. } => (
+            Traffic::Tls,
+            sni.clone().unwrap_or_else(|| dns_host.clone()),
+            Some(intercept::Kind::Tls { sni }),
+        ),
+        sniff::Sniffed::Http1 { host, .. } => (
+            Traffic::Http,
+            host.unwrap_or_else(|| dns_host.clone()),
+            Some(intercept::Kind::Http),
+        ),
+        _ => (Traffic::Opaque, dns_host.clone(), None),
+    };
+    rec.host = host;
+    let identity = allowed.identity.clone();
+    let decision = state.policy().decide_connection(
+        &Subject {
+            identity: &identity.name,
+            duties: &identity.duties,
+            claims: &identity.claims,
+        },
+        &Destination {
+            ip: allowed.dst.ip(),
+            port: allowed.dst.port(),
+            host: &rec.host,
+        },
+        traffic,
+    );
+    match decision {
+        ConnDecision::Decided(d) => {
+            rec.rule = d.rule;
+            match d.action {
+                Action::Allow => {
+                    rec.decision = "allow";
+                    allowed.reason = d.reason;
+                    let (outcome, how) = forward(client, buf, &allowed, state, rec).await;
+                    (outcome, format!("{}; {how}", allowed.reason))
+                }
+                Action::Block => {
+                    rec.decision = "block";
+                    if matches!(kind, Some(intercept::Kind::Http)) {
+                        refuse_http(client, &rec.rule, rec.session).await;
+                    } else {
+                        close_gently(client).await;
+                    }
+                    (Outcome::Refused, d.reason)
+                }
+            }
+        }
+        ConnDecision::Inspect => {
+            let Some(kind) = kind else {
+                // The policy never asks to inspect opaque traffic.
+                return (Outcome::Refused, "cannot inspect a non-HTTP connection".into());
+            };
+            rec.decision = "inspect";
+            rec.rule = "per-request".into();
+            let counters = Arc::new(Counters::default());
+            let conn = intercept::Conn {
+                session: rec.session,
+                dst: allowed.dst,
+                cgroup: rec.cgroup.clone(),
+                pid: rec.pid,
+                exe: rec.exe.clone(),
+                host: rec.host.clone(),
+            };
+            let _ = client.set_nodelay(true);
+            register(state, rec, allowed.dst, counters.clone());
+            let (outcome, reason) =
+                intercept::serve(client, buf, kind, conn, state.clone(), counters.clone()).await;
+            state.registry.remove(rec.session);
+            rec.bytes_up = counters.up.load(Ordering::Relaxed);
+            rec.bytes_down = counters.down.load(Ordering::Relaxed);
+            (outcome, reason)
+        }
+    }
+}
+
+/// A plaintext HTTP client blocked at connection level still gets an
+/// answer it can read.
+async fn refuse_http(mut client: TcpStream, rule: &str, session: u64) {
+    use tokio::io::AsyncWriteExt;
+    let body = format!("Blocked by the gateway: rule {rule}.\nRequest id: {session}-1\n");
+    let head = format!(
+        "HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nx-gateway-request-id: {session}-1\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = client.write_all(head.as_bytes()).await;
+    let _ = client.write_all(body.as_bytes()).await;
+    close_gently(client).await;
+}
+
+fn register(state: &State, rec: &ConnRecord, dst: SocketAddr, counters: Arc<Counters>) {
+    state.registry.insert(OpenConn {
+        session: rec.session,
+        identity: rec.identity.clone(),
+        cgroup: rec.cgroup.clone(),
+        pid: rec.pid,
+        exe: rec.exe.clone(),
+        orig_dst: dst.to_string(),
+        host: rec.host.clone(),
+        since_unix_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        counters,
+    });
 }
 
 async fn forward(
     client: TcpStream,
+    prefix: Vec<u8>,
     allowed: &Allowed,
     state: &State,
     rec: &mut ConnRecord,
 ) -> (Outcome, String) {
+    use tokio::io::AsyncWriteExt;
     let dst = allowed.dst;
-    let upstream = match connect_upstream(dst, state).await {
+    let mut upstream = match connect_upstream(dst, state).await {
         Ok(s) => s,
         Err(reason) => {
             close_gently(client).await;
             return (Outcome::UpstreamError, reason);
         }
     };
-    if state.fast_path {
+    if !prefix.is_empty()
+        && let Err(e) = upstream.write_all(&prefix).await
+    {
+        close_gently(client).await;
+        return (
+            Outcome::UpstreamError,
+            format!("upstream {dst} failed before the relay began: {e}"),
+        );
+    }
+    if state.fast_path && allowed.cacheable {
         state.fast.remember(
             state,
             allowed.cgroup_id,
@@ -336,19 +512,10 @@ async fn forward(
     }
     let _ = client.set_nodelay(true);
     let counters = Arc::new(Counters::default());
-    state.registry.insert(OpenConn {
-        session: rec.session,
-        identity: rec.identity.clone(),
-        cgroup: rec.cgroup.clone(),
-        pid: rec.pid,
-        exe: rec.exe.clone(),
-        orig_dst: dst.to_string(),
-        host: rec.host.clone(),
-        since_unix_ms: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64),
-        counters: counters.clone(),
-    });
+    counters
+        .up
+        .fetch_add(prefix.len() as u64, Ordering::Relaxed);
+    register(state, rec, dst, counters.clone());
     let end = relay::relay(client, upstream, state.idle_timeout, counters.clone()).await;
     state.registry.remove(rec.session);
     rec.bytes_up = counters.up.load(Ordering::Relaxed);
@@ -387,21 +554,30 @@ async fn close_gently(mut client: TcpStream) {
 /// Connects with the gateway's mark (so its own hooks never touch it) and
 /// the configured timeout.
 async fn connect_upstream(dst: SocketAddr, state: &State) -> Result<TcpStream, String> {
+    connect_marked(dst, state.mark, state.connect_timeout).await
+}
+
+/// A TCP connection to `dst` carrying `mark`, within `timeout`.
+pub async fn connect_marked(
+    dst: SocketAddr,
+    mark: u32,
+    timeout: Duration,
+) -> Result<TcpStream, String> {
     let socket = match dst {
         SocketAddr::V4(_) => TcpSocket::new_v4(),
         SocketAddr::V6(_) => TcpSocket::new_v6(),
     }
     .map_err(|e| format!("cannot create a socket for {dst}: {e}"))?;
     socket2::SockRef::from(&socket)
-        .set_mark(state.mark)
+        .set_mark(mark)
         .map_err(|e| format!("cannot mark the upstream socket (needs CAP_NET_ADMIN): {e}"))?;
     let _ = socket.set_nodelay(true);
-    match tokio::time::timeout(state.connect_timeout, socket.connect(dst)).await {
+    match tokio::time::timeout(timeout, socket.connect(dst)).await {
         Ok(Ok(s)) => Ok(s),
         Ok(Err(e)) => Err(format!("connecting to {dst} failed: {e}")),
         Err(_) => Err(format!(
             "connecting to {dst} timed out after {} ms",
-            state.connect_timeout.as_millis()
+            timeout.as_millis()
         )),
     }
 }

@@ -661,7 +661,16 @@ impl Daemon {
         self.wait_ready();
     }
 
-    fn gateway(&self, sub: &str) -> Command {
+    /// SIGHUP: the daemon re-reads its config file.
+    pub fn reload(&self) {
+        let pid = self.child.as_ref().expect("daemon running").id();
+        // SAFETY: plain kill(2) on our own child.
+        let r = unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+        assert_eq!(r, 0, "SIGHUP to the daemon failed");
+    }
+
+    /// `gateway <sub> --config <this daemon's config>`.
+    pub fn gateway(&self, sub: &str) -> Command {
         let mut c = Command::new(gateway_bin());
         c.arg(sub).arg("--config").arg(&self.cfg_path);
         c

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 pub use cgroup::cgroup2_mount;
-pub use daemon::{Config, Daemon};
+pub use daemon::{Config, Daemon, Rule};
 pub use jsonlog::JsonLines;
 pub use net::TestNet;
 pub use origin::{DnsOrigin, Origin};

@@ -169,6 +169,7 @@ impl EncodedMasker {
     /// be empty): everything `chunk` decodes to so far, up to
     /// `max_decoded_bytes`. See [`EncodedMasker::next_output`] for output in
     /// bounded pieces.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn push(&mut self, chunk: &[u8]) -> Result<Vec<u8>> {
         self.feed(chunk)?;
         let mut out = Vec::new();
@@ -226,6 +227,7 @@ impl EncodedMasker {
     }
 
     /// Total values masked so far (complete after `finish`).
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn masked_count(&self) -> u64 {
         self.masker.masked_count()
     }
@@ -245,6 +247,7 @@ impl EncodedMasker {
     }
 
     /// Decoded bytes so far (the body's plain size once finished).
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn decoded_bytes(&self) -> u64 {
         self.plain
     }
@@ -253,6 +256,7 @@ impl EncodedMasker {
     /// any layer, and the masker's (see [`BodyMasker::buffered`]). Not
     /// counted: the fixed state of each layer (its [`STEP`] scratch and its
     /// window).
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn buffered(&self) -> usize {
         self.masker.buffered() + self.layers.iter().map(Layer::pending).sum::<usize>()
     }

@@ -166,9 +166,11 @@ impl Ca {
         })
     }
 
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn cert_der(&self) -> &CertificateDer<'static> {
         &self.cert_der
     }
@@ -217,6 +219,7 @@ impl Ca {
 /// A minted leaf certificate with its key, ready for rustls.
 #[derive(Debug, Clone)]
 pub struct Leaf {
+    #[cfg_attr(not(test), allow(dead_code))]
     pub name: String,
     pub key: Arc<CertifiedKey>,
     /// When the certificate stops being valid (monotonic clock).
