@@ -234,7 +234,12 @@ pub async fn serve(
                     ),
                 );
             }
-            Err(_) => return (Outcome::IdleTimeout, "TLS handshake with the client timed out".into()),
+            Err(_) => {
+                return (
+                    Outcome::IdleTimeout,
+                    "TLS handshake with the client timed out".into(),
+                );
+            }
         };
         serve_http(TokioIo::new(tls_stream), ctx.clone()).await
     } else {
@@ -244,7 +249,10 @@ pub async fn serve(
     match result {
         Ok(()) => (
             Outcome::Closed,
-            format!("intercepted {}: {n} request(s)", if tls { "TLS" } else { "HTTP" }),
+            format!(
+                "intercepted {}: {n} request(s)",
+                if tls { "TLS" } else { "HTTP" }
+            ),
         ),
         Err(e) => (
             Outcome::Closed,
@@ -452,8 +460,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     ] {
         h.remove(n);
     }
-    if h
-        .get(header::TE)
+    if h.get(header::TE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| !v.trim().eq_ignore_ascii_case("trailers"))
     {
@@ -682,19 +689,23 @@ async fn websocket(
         Ok(c) => c,
         Err(e) => return fail(rec, format!("upstream {} failed: {e}", ctx.conn.dst)),
     };
-    let (mut sender, connection) = match hyper::client::conn::http1::handshake::<_, BoxBody>(conn)
-        .await
-    {
-        Ok(x) => x,
-        Err(e) => return fail(rec, format!("upstream {} failed: {e}", ctx.conn.dst)),
-    };
+    let (mut sender, connection) =
+        match hyper::client::conn::http1::handshake::<_, BoxBody>(conn).await {
+            Ok(x) => x,
+            Err(e) => return fail(rec, format!("upstream {} failed: {e}", ctx.conn.dst)),
+        };
     tokio::spawn(async move {
         let _ = connection.with_upgrades().await;
     });
     let body = Empty::new().map_err(|never| match never {}).boxed_unsync();
     let mut resp = match sender.send_request(Request::from_parts(parts, body)).await {
         Ok(r) => r,
-        Err(e) => return fail(rec, format!("upstream {} failed: {}", ctx.conn.dst, error_chain(&e))),
+        Err(e) => {
+            return fail(
+                rec,
+                format!("upstream {} failed: {}", ctx.conn.dst, error_chain(&e)),
+            );
+        }
     };
     rec.status = resp.status().as_u16();
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
@@ -711,19 +722,24 @@ async fn websocket(
         let (c, u) = tokio::join!(client_upgrade, upstream_upgrade);
         let outcome = match (c, u) {
             (Ok(c), Ok(u)) => {
-                let mut c = TokioIo::new(c);
+                // Counted as they pass: a session that ends in an error
+                // still reports what it moved.
+                let counters = Arc::new(Counters::default());
+                let mut c = Prefixed::new(Vec::new(), TokioIo::new(c), counters.clone());
                 let mut u = TokioIo::new(u);
-                match tokio::io::copy_bidirectional(&mut c, &mut u).await {
-                    Ok((a, b)) => {
-                        rec.bytes_up = a;
-                        rec.bytes_down = b;
-                        "closed"
-                    }
+                let end = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                rec.bytes_up = counters.up.load(Ordering::Relaxed);
+                rec.bytes_down = counters.down.load(Ordering::Relaxed);
+                match end {
+                    Ok(_) => {}
+                    // Peers that drop TCP without a TLS close_notify are
+                    // common at the end of a WebSocket session.
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
                     Err(e) => {
                         rec.reason = format!("{}; the session ended with: {e}", rec.reason);
-                        "closed"
                     }
                 }
+                "closed"
             }
             (Err(e), _) | (_, Err(e)) => {
                 rec.reason = format!("{}; the upgrade did not complete: {e}", rec.reason);
@@ -758,7 +774,10 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_are_dropped() {
         let mut h = HeaderMap::new();
-        h.insert("connection", HeaderValue::from_static("keep-alive, x-secret-hop"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
         h.insert("x-secret-hop", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("transfer-encoding", HeaderValue::from_static("chunked"));

@@ -1,4 +1,3 @@
-
 //! Response-body masking.
 //!
 //! A [`MaskSpec`] is built from the policy's `mask = [...]` list: built-in

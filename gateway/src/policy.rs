@@ -42,7 +42,6 @@
 // The HTTP half (plan / decide_connection / decide_request) is wired into
 // the proxy by the interception work; until then only tests call it.
 
-
 pub mod glob;
 pub mod secret;
 

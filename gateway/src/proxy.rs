@@ -418,7 +418,10 @@ async fn sniffed(
         ConnDecision::Inspect => {
             let Some(kind) = kind else {
                 // The policy never asks to inspect opaque traffic.
-                return (Outcome::Refused, "cannot inspect a non-HTTP connection".into());
+                return (
+                    Outcome::Refused,
+                    "cannot inspect a non-HTTP connection".into(),
+                );
             };
             rec.decision = "inspect";
             rec.rule = "per-request".into();

@@ -1,7 +1,6 @@
 //! TLS interception building blocks: the gateway's CA, on-the-fly leaf
 //! certificates, and sniffing the first bytes of a connection.
 
-
 pub mod ca;
 pub mod sniff;
 

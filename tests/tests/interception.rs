@@ -17,6 +17,7 @@ use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Output;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 const DNS_PORT: u16 = 5300;
@@ -85,7 +86,13 @@ fn policy(cfg: Config, secret_file: &std::path::Path) -> Config {
         })
 }
 
-/// One test's world; fields drop in order: browser, daemon, origins, net.
+/// Tests of this file run one at a time: Chromium aborts loads with
+/// `ERR_NETWORK_CHANGED` when another test adds network interfaces (each
+/// world's namespace and veth pair) while a page is loading.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// One test's world; fields drop in order: browser, daemon, origins, net,
+/// and last the lock.
 struct World {
     browser: Option<Browser>,
     home: BrowserHome,
@@ -94,6 +101,7 @@ struct World {
     origin: WebOrigin,
     plain: WebOrigin,
     net: TestNet,
+    _serial: MutexGuard<'static, ()>,
 }
 
 impl World {
@@ -103,6 +111,7 @@ impl World {
 
     fn with(extra: impl FnOnce(Config) -> Config) -> World {
         require_root();
+        let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
         let net = TestNet::new();
         let origin = WebOrigin::start(
             &net,
@@ -120,7 +129,13 @@ impl World {
             &net,
             &probe(),
             &[SocketAddr::new(ns, DNS_PORT)],
-            &[(SHOP, ns), (PROD, ns), (PARTNER, ns), (OTHER, ns), (PLAIN, ns)],
+            &[
+                (SHOP, ns),
+                (PROD, ns),
+                (PARTNER, ns),
+                (OTHER, ns),
+                (PLAIN, ns),
+            ],
         );
         let mut cfg = Config::new();
         let secret_file = cfg.dir().join("partner-token");
@@ -141,6 +156,7 @@ impl World {
             origin,
             plain,
             net,
+            _serial: serial,
         }
     }
 
@@ -200,6 +216,11 @@ impl World {
     /// curl through the gateway (inside the identity's cgroup), trusting the
     /// gateway CA, names pinned to the origin with `--resolve`.
     fn curl(&self, args: &[&str]) -> Output {
+        self.curl_with(self.daemon.config_path(), args)
+    }
+
+    /// `curl` started by `gateway exec --config <config>`.
+    fn curl_with(&self, config: &std::path::Path, args: &[&str]) -> Output {
         let ip = self.net.ns_v4().to_string();
         let mut full: Vec<String> = vec![
             "-sS".into(),
@@ -215,8 +236,12 @@ impl World {
             }
         }
         full.extend(args.iter().map(|s| s.to_string()));
-        self.daemon
-            .exec("t1", "curl", &full)
+        std::process::Command::new(gateway_tests::gateway_bin())
+            .arg("exec")
+            .arg("--config")
+            .arg(config)
+            .args(["--identity", "t1", "--", "curl"])
+            .args(&full)
             .output()
             .expect("run curl")
     }
@@ -243,7 +268,9 @@ const DONE: &str = "document.title === 'done'";
 fn out_of(dom: &str) -> String {
     let start = dom.find("<pre id=\"out\">").map(|i| i + 14).unwrap_or(0);
     let end = dom[start..].find("</pre>").map_or(dom.len(), |i| start + i);
-    dom[start..end].replace("&amp;", "&").replace("&quot;", "\"")
+    dom[start..end]
+        .replace("&amp;", "&")
+        .replace("&quot;", "\"")
 }
 
 #[test]
@@ -302,7 +329,10 @@ fn chromium_sees_masked_json_with_ids_and_prices_untouched() {
     // The browser saw the gateway's certificate for an inspected host.
     let issuer = w.browser.as_ref().unwrap().main_cert_issuer();
     assert!(
-        issuer.as_deref().unwrap_or("").contains("gateway interception CA"),
+        issuer
+            .as_deref()
+            .unwrap_or("")
+            .contains("gateway interception CA"),
         "{issuer:?}"
     );
 }
@@ -325,7 +355,10 @@ fn chromium_delete_to_blocked_host_gets_403_and_origin_never_sees_it() {
     assert!(out.contains("no-prod-deletes"), "{out}");
     let ev = w.http_event("DELETE", PROD, "/v1/items/7");
     let id = text(&ev, "request_id");
-    assert!(!id.is_empty() && out.contains(&id), "request id {id} not in {out}");
+    assert!(
+        !id.is_empty() && out.contains(&id),
+        "request id {id} not in {out}"
+    );
     assert_eq!(text(&ev, "decision"), "block");
     assert_eq!(text(&ev, "rule"), "no-prod-deletes");
     assert_eq!(num(&ev, "status"), Some(403));
@@ -372,7 +405,10 @@ fn chromium_origin_gets_injected_credential_the_page_never_had() {
     // Another destination never gets it.
     let other = w.origin_saw("GET", OTHER, "/echo");
     assert_eq!(other.len(), 1, "{other:?}");
-    assert!(other[0]["headers"].get("authorization").is_none(), "{other:?}");
+    assert!(
+        other[0]["headers"].get("authorization").is_none(),
+        "{other:?}"
+    );
 
     let ev = w.http_event("GET", PARTNER, "/echo");
     assert_eq!(text(&ev, "injected"), "authorization<-partner-token");
@@ -428,7 +464,10 @@ fn chromium_host_without_l7_rule_is_spliced_with_the_origins_certificate() {
     let dom = b.load(&url, DONE, LOAD).expect("the spliced page loads");
     assert_eq!(out_of(&dom), "spliced page ran");
     let issuer = b.main_cert_issuer().unwrap_or_default();
-    assert_eq!(issuer, "gateway-tests origin CA", "the browser saw {issuer}");
+    assert_eq!(
+        issuer, "gateway-tests origin CA",
+        "the browser saw {issuer}"
+    );
     // At connection level only: allowed by the host rule, no HTTP record.
     let conn = w.daemon.wait_event(
         |v| is_event(v, "connection") && v["host"] == PLAIN && v["decision"] == "allow",
@@ -443,9 +482,7 @@ fn chromium_host_without_l7_rule_is_spliced_with_the_origins_certificate() {
         "a spliced host was inspected"
     );
     // The origin terminated TLS itself, for its own name.
-    let req = w
-        .plain
-        .wait_request(|r| r["path"] == "/index.html", EVENT);
+    let req = w.plain.wait_request(|r| r["path"] == "/index.html", EVENT);
     assert_eq!(req["sni"], PLAIN);
 }
 
@@ -457,7 +494,10 @@ fn curl_plain_http_is_inspected_and_blocked_per_request() {
     let body = String::from_utf8_lossy(&del.stdout);
     assert!(body.starts_with("HTTP/1.1 403"), "{body}");
     assert!(body.contains("no-prod-deletes"), "{body}");
-    assert!(body.to_ascii_lowercase().contains("x-gateway-request-id"), "{body}");
+    assert!(
+        body.to_ascii_lowercase().contains("x-gateway-request-id"),
+        "{body}"
+    );
     let get = w.curl(&["-i", &format!("http://{PROD}/echo?x=1")]);
     let body = String::from_utf8_lossy(&get.stdout);
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
@@ -477,7 +517,10 @@ fn upstream_certificate_errors_fail_the_request_and_are_audited() {
     });
     let out = w.curl(&["-i", &format!("https://{SHOP}/orders.json")]);
     let body = String::from_utf8_lossy(&out.stdout);
-    assert!(body.starts_with("HTTP/2 502") || body.starts_with("HTTP/1.1 502"), "{body}");
+    assert!(
+        body.starts_with("HTTP/2 502") || body.starts_with("HTTP/1.1 502"),
+        "{body}"
+    );
     assert!(body.contains("certificate"), "{body}");
     let ev = w.http_event("GET", SHOP, "/orders.json");
     assert_eq!(text(&ev, "outcome"), "upstream_error");
@@ -495,8 +538,18 @@ fn decompression_bomb_is_cut_off_and_the_daemon_keeps_serving() {
     let zeros = vec![b'0'; 64 << 20];
     w.origin.write("bomb.txt", b"small");
     w.origin.write_precompressed("bomb.txt", &zeros);
-    let out = w.curl(&["--compressed", "-o", "/dev/null", "-w", "%{size_download}", &format!("https://{SHOP}/bomb.txt")]);
-    let got: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0);
+    let out = w.curl(&[
+        "--compressed",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{size_download}",
+        &format!("https://{SHOP}/bomb.txt"),
+    ]);
+    let got: u64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
     assert!(got <= 2 << 20, "the client got {got} bytes past the cap");
     let ev = w.http_event("GET", SHOP, "/bomb.txt");
     assert_eq!(text(&ev, "outcome"), "failed", "{ev}");
@@ -509,7 +562,11 @@ fn decompression_bomb_is_cut_off_and_the_daemon_keeps_serving() {
 #[test]
 fn opaque_connection_to_a_masked_destination_is_refused_before_upstream() {
     let w = World::with(|c| {
-        let ip = c.dns_upstreams[0].split(':').next().unwrap_or_default().to_string();
+        let ip = c.dns_upstreams[0]
+            .split(':')
+            .next()
+            .unwrap_or_default()
+            .to_string();
         let mut c = c;
         c.rules.insert(
             0,
@@ -526,7 +583,11 @@ fn opaque_connection_to_a_masked_destination_is_refused_before_upstream() {
     let target = format!("{}:80", w.net.ns_v4());
     let run = w
         .daemon
-        .exec("t1", probe().path(), ["tcp", "--send", "SSH-2.0-probe\r\n", target.as_str()])
+        .exec(
+            "t1",
+            probe().path(),
+            ["tcp", "--send", "SSH-2.0-probe\r\n", target.as_str()],
+        )
         .output()
         .expect("probe");
     let v: Value = serde_json::from_slice(&run.stdout).unwrap_or_default();
@@ -537,7 +598,10 @@ fn opaque_connection_to_a_masked_destination_is_refused_before_upstream() {
     );
     assert_eq!(text(&ev, "decision"), "block", "{ev}");
     assert_eq!(text(&ev, "rule"), "mask-by-ip", "{ev}");
-    assert!(text(&ev, "reason").contains("needs HTTP inspection"), "{ev}");
+    assert!(
+        text(&ev, "reason").contains("needs HTTP inspection"),
+        "{ev}"
+    );
     assert!(w.origin.requests().is_empty());
     // The same destination speaking HTTP is inspected and served.
     let ok = w.curl(&["-i", &format!("http://{}/echo", w.net.ns_v4())]);
@@ -548,15 +612,30 @@ fn opaque_connection_to_a_masked_destination_is_refused_before_upstream() {
 fn reload_with_a_broken_policy_keeps_the_old_one() {
     let w = World::new();
     let url = format!("http://{PROD}/v1/items/1");
+    // `gateway exec` reads the config too: while the daemon's file is
+    // broken, start curl with an intact copy.
+    let path = w.daemon.config_path().to_path_buf();
+    let good = std::fs::read_to_string(&path).unwrap();
+    let copy = path.with_file_name("exec-copy.toml");
+    std::fs::write(&copy, &good).unwrap();
     let blocked = || {
-        let out = w.curl(&["-X", "DELETE", "-o", "/dev/null", "-w", "%{http_code}", &url]);
+        let out = w.curl_with(
+            &copy,
+            &[
+                "-X",
+                "DELETE",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                &url,
+            ],
+        );
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
     assert_eq!(blocked(), "403");
     // A rule with a path glob that is not a path: the reload must fail,
     // naming the place, and the old policy stays in force.
-    let path = w.daemon.config_path().to_path_buf();
-    let good = std::fs::read_to_string(&path).unwrap();
     let broken = good.replacen(
         "id = \"no-prod-deletes\"\n",
         "id = \"no-prod-deletes\"\npaths = [\"v1/**\"]\n",
@@ -565,11 +644,13 @@ fn reload_with_a_broken_policy_keeps_the_old_one() {
     assert_ne!(broken, good);
     std::fs::write(&path, &broken).unwrap();
     w.daemon.reload();
-    let failed = w
-        .daemon
-        .wait_event(|v| is_event(v, "reload_failed"), EVENT);
+    let failed = w.daemon.wait_event(|v| is_event(v, "reload_failed"), EVENT);
     let err = text(&failed, "error");
-    let line = broken.lines().position(|l| l.starts_with("paths = ")).unwrap() + 1;
+    let line = broken
+        .lines()
+        .position(|l| l.starts_with("paths = "))
+        .unwrap()
+        + 1;
     assert!(
         err.contains(&format!("gateway.toml:{line}:")),
         "the error does not point at line {line}: {err}"
