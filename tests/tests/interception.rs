@@ -666,3 +666,39 @@ fn reload_with_a_broken_policy_keeps_the_old_one() {
     w.daemon.wait_event(|v| is_event(v, "reloaded"), EVENT);
     assert_eq!(blocked(), "405");
 }
+
+#[test]
+fn upstream_dying_mid_body_ends_the_response_and_is_audited() {
+    let w = World::new();
+    // Masked (shop) and unmasked-but-inspected (other) responses alike.
+    for host in [SHOP, OTHER] {
+        let out = w.curl(&[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{size_download}",
+            &format!("https://{host}/slow-close"),
+        ]);
+        assert!(
+            !out.status.success(),
+            "curl took a cut-off body as complete ({host})"
+        );
+        let got: u64 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        assert!(got <= 32768, "{host}: {got} bytes");
+        let ev = w.http_event("GET", host, "/slow-close");
+        assert_eq!(text(&ev, "outcome"), "failed", "{ev}");
+        assert!(text(&ev, "reason").contains("mid-body"), "{ev}");
+    }
+    // The daemon carries on.
+    let ok = w.curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &format!("https://{OTHER}/echo"),
+    ]);
+    assert_eq!(String::from_utf8_lossy(&ok.stdout).trim(), "200");
+}
