@@ -367,11 +367,16 @@ async fn sniffed(
     };
     let dns_host = std::mem::take(&mut rec.host);
     let (traffic, host, kind) = match sniffed {
-        sniff::Sniffed::Tls { sni, .. } => (
-            Traffic::Tls,
-            sni.clone().unwrap_or_else(|| dns_host.clone()),
-            Some(intercept::Kind::Tls { sni }),
-        ),
+        sniff::Sniffed::Tls { sni, .. } => {
+            // An address is not a server name (RFC 6066 §3); clients that
+            // send one anyway are treated as sending none.
+            let sni = sni.filter(|s| s.parse::<std::net::IpAddr>().is_err());
+            (
+                Traffic::Tls,
+                sni.clone().unwrap_or_else(|| dns_host.clone()),
+                Some(intercept::Kind::Tls { sni }),
+            )
+        }
         sniff::Sniffed::Http1 { host, .. } => (
             Traffic::Http,
             host.unwrap_or_else(|| dns_host.clone()),
