@@ -568,6 +568,10 @@ async fn forward(
         }
     };
     parts.version = Version::HTTP_11;
+    // The authority travels in the URI: the pool writes it as Host for an
+    // HTTP/1.1 upstream and as :authority for h2, where a Host header as
+    // well is refused by servers such as nginx.
+    parts.headers.remove(header::HOST);
     let body = Counted::new(body, up.clone()).boxed_unsync();
     let resp = match ctx.client.request(Request::from_parts(parts, body)).await {
         Ok(r) => r,
