@@ -39,6 +39,15 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// Who is asking, as the policy sees it.
+    pub fn policy_subject(&self) -> crate::policy::Subject<'_> {
+        crate::policy::Subject {
+            identity: &self.name,
+            duties: &self.duties,
+            claims: &self.claims,
+        }
+    }
+
     fn from_claims(
         binding: &config::Identity,
         source: &'static str,

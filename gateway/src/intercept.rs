@@ -53,7 +53,7 @@ use crate::{
     config::{self, Action},
     daemon::State,
     mask::{BodyKind, EncodedMasker},
-    policy::{Destination, Request as PolicyRequest, RequestDecision, Subject},
+    policy::{Destination, Request as PolicyRequest, RequestDecision},
     relay::Counters,
     tls::ca::{self, Ca, Minter},
 };
@@ -370,11 +370,7 @@ async fn handle(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<ResponseB
 
     let policy = ctx.state.policy();
     let rd = policy.decide_request(
-        &Subject {
-            identity: &identity.name,
-            duties: &identity.duties,
-            claims: &identity.claims,
-        },
+        &identity.policy_subject(),
         &Destination {
             ip: conn.dst.ip(),
             port: conn.dst.port(),

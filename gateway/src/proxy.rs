@@ -22,7 +22,7 @@ use crate::{
     daemon::State,
     identity::Identity,
     intercept,
-    policy::{ConnDecision, ConnPlan, Destination, Subject, Traffic},
+    policy::{ConnDecision, ConnPlan, Destination, Traffic},
     relay::{self, Counters, End},
     tls::sniff,
 };
@@ -276,11 +276,7 @@ fn decide(peer: SocketAddr, local: SocketAddr, state: &State, rec: &mut ConnReco
     // Decision: the first matching rule, else the default — unless it
     // depends on what the client is about to say.
     let plan = state.policy().plan(
-        &Subject {
-            identity: &identity.name,
-            duties: &identity.duties,
-            claims: &identity.claims,
-        },
+        &identity.policy_subject(),
         &Destination {
             ip: dst.ip(),
             port: dst.port(),
@@ -387,11 +383,7 @@ async fn sniffed(
     rec.host = host;
     let identity = allowed.identity.clone();
     let decision = state.policy().decide_connection(
-        &Subject {
-            identity: &identity.name,
-            duties: &identity.duties,
-            claims: &identity.claims,
-        },
+        &identity.policy_subject(),
         &Destination {
             ip: allowed.dst.ip(),
             port: allowed.dst.port(),

@@ -177,6 +177,14 @@ impl ResponseBody {
         r.emit(outcome);
     }
 
+    /// Ends the body with an error the client sees as a cut-off response;
+    /// the audit record says why.
+    fn abort(&mut self, why: String) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.fail(why.clone());
+        self.emit();
+        Poll::Ready(Some(Err(why.into())))
+    }
+
     fn data(&mut self, bytes: Bytes) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.down += bytes.len() as u64;
         Poll::Ready(Some(Ok(Frame::data(bytes))))
@@ -204,10 +212,7 @@ impl Body for ResponseBody {
                     Ok(Some(v)) => return this.data(Bytes::from(v)),
                     Ok(None) => {}
                     Err(e) => {
-                        let msg = format!("response body cannot be masked: {e}");
-                        this.fail(msg.clone());
-                        this.emit();
-                        return Poll::Ready(Some(Err(msg.into())));
+                        return this.abort(format!("response body cannot be masked: {e}"));
                     }
                 }
             }
@@ -229,20 +234,14 @@ impl Body for ResponseBody {
                         None => return this.data(data),
                         Some(m) => {
                             if let Err(e) = m.feed(&data) {
-                                let msg = format!("response body cannot be masked: {e}");
-                                this.fail(msg.clone());
-                                this.emit();
-                                return Poll::Ready(Some(Err(msg.into())));
+                                return this.abort(format!("response body cannot be masked: {e}"));
                             }
                             continue;
                         }
                     }
                 }
                 Some(Err(e)) => {
-                    let msg = format!("upstream failed mid-body: {e}");
-                    this.fail(msg.clone());
-                    this.emit();
-                    return Poll::Ready(Some(Err(msg.into())));
+                    return this.abort(format!("upstream failed mid-body: {e}"));
                 }
                 None => {
                     let tail = match &mut this.masker {
@@ -261,10 +260,7 @@ impl Body for ResponseBody {
                             return done;
                         }
                         Err(e) => {
-                            let msg = format!("response body cannot be masked: {e}");
-                            this.fail(msg.clone());
-                            this.emit();
-                            return Poll::Ready(Some(Err(msg.into())));
+                            return this.abort(format!("response body cannot be masked: {e}"));
                         }
                     }
                 }
