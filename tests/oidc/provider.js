@@ -43,7 +43,7 @@
 //   GET  /test/kids    { "kids": [...] } current kids, signing key first.
 
 import { createServer } from 'node:http';
-import { generateKeyPairSync, randomBytes } from 'node:crypto';
+import { createPrivateKey, generateKeyPairSync, randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import process from 'node:process';
 
@@ -92,13 +92,27 @@ function readJson(path, what) {
 
 let generation = 0;
 
+// A fresh private key as a JWK. The key leaves the generator as PEM and is
+// parsed again before the JWK export: exporting the generator's own
+// KeyObject can deadlock Node 20 (a garbage collection during the export
+// runs the finished generator job's destructor, which takes the key's lock
+// the export already holds; seen as a provider that never became ready).
+function newJwk(type, options) {
+  const { privateKey } = generateKeyPairSync(type, {
+    ...options,
+    publicKeyEncoding: { type: 'spki', format: 'pem' },
+    privateKeyEncoding: { type: 'pkcs8', format: 'pem' },
+  });
+  return createPrivateKey(privateKey).export({ format: 'jwk' });
+}
+
 // One RSA key (RS256 and PS256), one P-256 key (ES256) and one Ed25519 key
 // (EdDSA), with kids that say which rotation generation they belong to.
 function generateKeys(foreign = false) {
   const tag = foreign ? `foreign-${randomBytes(3).toString('hex')}` : `${++generation}-${randomBytes(3).toString('hex')}`;
-  const rsa = generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey.export({ format: 'jwk' });
-  const ec = generateKeyPairSync('ec', { namedCurve: 'P-256' }).privateKey.export({ format: 'jwk' });
-  const ed = generateKeyPairSync('ed25519').privateKey.export({ format: 'jwk' });
+  const rsa = newJwk('rsa', { modulusLength: 2048 });
+  const ec = newJwk('ec', { namedCurve: 'P-256' });
+  const ed = newJwk('ed25519', {});
   return [
     { ...rsa, kid: `rsa-${tag}`, use: 'sig' },
     { ...ec, kid: `ec-${tag}`, use: 'sig', alg: 'ES256' },
@@ -113,6 +127,11 @@ function loadKeys(path) {
   }
   return jwks.keys;
 }
+
+// Startup phases go to stderr with their time since the process started, so
+// a driver that gives up waiting can tell where a slow start spent it.
+const phase = (what) => log(`${what} at ${Math.round(performance.now())} ms`);
+phase('modules loaded');
 
 const args = parseArgs(process.argv.slice(2));
 if (!args.config) die('--config FILE is required');
@@ -132,6 +151,7 @@ const clientById = new Map(clients.map((c) => [c.client_id, c]));
 let keys = args.keys ? loadKeys(args.keys) : generateKeys();
 // Signs /test/mint tokens with `foreign_key`: same shapes, never in the JWKS.
 const foreignKeys = generateKeys(true);
+phase('keys generated');
 
 function buildProvider(issuer) {
   const provider = new Provider(issuer, {
@@ -304,6 +324,7 @@ if (args.stdinEof) {
 server.listen(args.port, args.host, () => {
   const { address, family, port } = server.address();
   issuer = family === 'IPv6' ? `http://[${address}]:${port}` : `http://${address}:${port}`;
+  phase('listening');
   install(keys, 'listening');
   process.stdout.write(`${JSON.stringify({ ready: true, issuer })}\n`);
 });

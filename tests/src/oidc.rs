@@ -114,6 +114,35 @@ pub struct OidcProvider {
 }
 
 /// `tests/oidc`, where `provider.js` and its `node_modules` live.
+/// What each thread of process `pid` is doing, from /proc (state, kernel
+/// wait channel, CPU time): printed when a process does not start in time,
+/// so the report says whether it was blocked, and where, or busy.
+pub fn process_snapshot(pid: u32) -> String {
+    let mut out = String::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("  (process {pid} is gone)\n");
+    };
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+        let stat = read("stat");
+        // comm is in parentheses and may hold spaces; the fields after it
+        // are: state ... utime (14th field overall) stime (15th).
+        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        out.push_str(&format!(
+            "  tid {} {} state {} wchan {} utime {} stime {} ticks\n",
+            task.file_name().to_string_lossy(),
+            read("comm").trim(),
+            fields.first().unwrap_or(&"?"),
+            read("wchan").trim(),
+            fields.get(11).unwrap_or(&"?"),
+            fields.get(12).unwrap_or(&"?"),
+        ));
+    }
+    out
+}
+
 pub fn harness_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("oidc")
 }
@@ -197,11 +226,12 @@ impl OidcProvider {
         let line = match rx.recv_timeout(START_TIMEOUT) {
             Ok(Some(Ok(line))) => line,
             other => {
+                let threads = process_snapshot(child.id());
                 let _ = child.kill();
                 let _ = child.wait();
                 panic!(
                     "the OpenID provider did not report ready within {START_TIMEOUT:?} ({other:?}); \
-                     its stderr:\n{}",
+                     its threads then:\n{threads}its stderr:\n{}",
                     stderr.lock().unwrap()
                 );
             }

@@ -28,6 +28,33 @@ struct Provider {
     http: reqwest::Client,
 }
 
+/// Each thread of `pid`: state, kernel wait channel and CPU ticks, for the
+/// report when the provider does not start in time.
+fn process_snapshot(pid: u32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("  (process {pid} is gone)\n");
+    };
+    let mut out = String::new();
+    for task in tasks.flatten() {
+        let read = |name: &str| std::fs::read_to_string(task.path().join(name)).unwrap_or_default();
+        let stat = read("stat");
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or("", |(_, rest)| rest)
+            .split_whitespace()
+            .collect();
+        out.push_str(&format!(
+            "  {} state {} wchan {} utime+stime {}+{}\n",
+            read("comm").trim(),
+            fields.first().unwrap_or(&"?"),
+            read("wchan").trim(),
+            fields.get(11).unwrap_or(&"?"),
+            fields.get(12).unwrap_or(&"?"),
+        ));
+    }
+    out
+}
+
 fn harness_dir() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/oidc");
     dir.canonicalize().unwrap_or(dir)
@@ -88,7 +115,9 @@ impl Provider {
         let line = match ready {
             Ok(Ok(Some(line))) => line,
             other => panic!(
-                "the OpenID provider did not report ready ({other:?}); its stderr:\n{}",
+                "the OpenID provider did not report ready ({other:?}); its threads then:\n{}\
+                 its stderr:\n{}",
+                child.id().map(process_snapshot).unwrap_or_default(),
                 stderr.lock().unwrap()
             ),
         };
