@@ -91,8 +91,53 @@ async fn handle(req: &Value, state: &State) -> Value {
     match req.get("cmd").and_then(Value::as_str) {
         Some("status") => status(state),
         Some("enroll") => enroll(req, state).await,
+        Some("approvals_list") => json!({
+            "approvals": state.approvals.list(),
+            "windows": state.approvals.windows(),
+        }),
+        Some("approvals_show") => match req.get("id").and_then(Value::as_str) {
+            Some(id) => match state.approvals.show(id) {
+                Some(a) => json!({ "approval": a }),
+                None => {
+                    json!({"error": format!("no pending approval {id}; see `gateway approvals list`")})
+                }
+            },
+            None => json!({"error": "approvals_show needs \"id\""}),
+        },
+        Some("approvals_decide") => approvals_decide(req, state).await,
         Some(other) => json!({"error": format!("unknown command {other:?}")}),
         None => json!({"error": "missing \"cmd\""}),
+    }
+}
+
+/// `{"cmd":"approvals_decide","id":..,"token":..,"verdict":"approve"|"deny",
+/// "window_minutes":N,"reason":".."}`: the approver proves who they are with
+/// the token, here as over the HTTP API; root on this socket is no bypass.
+async fn approvals_decide(req: &Value, state: &State) -> Value {
+    let (Some(id), Some(verdict)) = (
+        req.get("id").and_then(Value::as_str),
+        req.get("verdict").and_then(Value::as_str),
+    ) else {
+        return json!({"error": "approvals_decide needs \"id\" and \"verdict\""});
+    };
+    let token = req.get("token").and_then(Value::as_str).unwrap_or("");
+    let verdict = match crate::approvals::parse_verdict(
+        verdict,
+        req.get("window_minutes").and_then(Value::as_u64),
+        req.get("reason").and_then(Value::as_str),
+    ) {
+        Ok(v) => v,
+        Err(r) => return json!({"error": r.message}),
+    };
+    match state.approvals.authenticate(token).await {
+        Ok(approver) => match state.approvals.decide(id, &approver, verdict) {
+            Ok(v) => v,
+            Err(r) => json!({"error": r.message}),
+        },
+        Err(r) => {
+            state.approvals.audit_refused_token(id, &r.message);
+            json!({"error": r.message})
+        }
     }
 }
 

@@ -49,6 +49,9 @@ pub struct ConnRecord {
     pub decision: &'static str,
     /// The rule that decided, or `default`.
     pub rule: String,
+    /// The approval that held this connection, and who decided it.
+    pub approval_id: String,
+    pub approver: String,
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub duration: Duration,
@@ -76,6 +79,8 @@ impl ConnRecord {
             host = %self.host,
             decision = self.decision,
             rule = %self.rule,
+            approval_id = %self.approval_id,
+            approver = %self.approver,
             bytes_up = self.bytes_up,
             bytes_down = self.bytes_down,
             duration_ms = self.duration.as_millis() as u64,
@@ -148,6 +153,9 @@ pub struct HttpRecord {
     /// `header←secret` names of injected credentials (never values).
     pub injected: Vec<String>,
     pub websocket: bool,
+    /// The approval that held this request, and who decided it.
+    pub approval_id: String,
+    pub approver: String,
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub duration: Duration,
@@ -180,6 +188,8 @@ impl HttpRecord {
             masked = self.masked,
             masked_by = %serde_json::to_string(&self.masked_by).unwrap_or_default(),
             injected = %self.injected.join(","),
+            approval_id = %self.approval_id,
+            approver = %self.approver,
             bytes_up = self.bytes_up,
             bytes_down = self.bytes_down,
             duration_ms = self.duration.as_millis() as u64,

@@ -63,6 +63,40 @@ struct RawConfig {
     secrets: Vec<RawSecret>,
     #[serde(default)]
     interception: RawInterception,
+    #[serde(default)]
+    approvals: RawApprovals,
+}
+
+/// `[approvals]`: how `action = "approve"` holds requests and who may
+/// decide.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawApprovals {
+    timeout_secs: Option<Spanned<u64>>,
+    max_window_minutes: Option<Spanned<u64>>,
+    issuers: Vec<Spanned<String>>,
+    groups_claim: Option<String>,
+    duty_mapping: BTreeMap<String, Vec<String>>,
+    preview_bytes: Option<Spanned<u64>>,
+    max_pending: Option<Spanned<u64>>,
+    api: Option<RawApprovalApi>,
+    webhook: Option<RawWebhook>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApprovalApi {
+    listen: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWebhook {
+    url: Spanned<String>,
+    #[serde(default)]
+    timeout_ms: Option<Spanned<u64>>,
+    #[serde(default)]
+    retries: Option<u32>,
 }
 
 /// `[[secret]]`: a value `inject` may set as a request header.
@@ -207,6 +241,8 @@ impl Default for RawPolicy {
 pub enum Action {
     Allow,
     Block,
+    /// Hold until an approver decides (rules only, never the default).
+    Approve,
 }
 
 impl fmt::Display for Action {
@@ -214,6 +250,7 @@ impl fmt::Display for Action {
         f.write_str(match self {
             Action::Allow => "allow",
             Action::Block => "block",
+            Action::Approve => "approve",
         })
     }
 }
@@ -231,6 +268,56 @@ pub struct Config {
     /// policy's injections.
     pub secrets: Vec<SecretInfo>,
     pub interception: Interception,
+    pub approvals: Approvals,
+}
+
+/// `[approvals]`.
+#[derive(Debug, Clone)]
+pub struct Approvals {
+    /// No decision by then: denied.
+    pub timeout: Duration,
+    /// The longest window an approver may grant.
+    pub max_window: Duration,
+    /// Trusted issuers whose tokens may approve; empty: every
+    /// `[[trusted_issuer]]`.
+    pub issuers: Vec<String>,
+    /// Approver duties come from this claim of the approver's token ...
+    pub groups_claim: String,
+    /// ... mapped like an identity's (empty: values are duties as-is).
+    pub duty_mapping: BTreeMap<String, Vec<String>>,
+    /// Bytes of the request body kept (after masking) as a preview.
+    pub preview_bytes: usize,
+    /// More held requests than this at once: refused.
+    pub max_pending: usize,
+    /// The HTTP admin API's address, if it runs.
+    pub api_listen: Option<SocketAddr>,
+    pub webhook: Option<Webhook>,
+}
+
+impl Default for Approvals {
+    fn default() -> Self {
+        Approvals {
+            timeout: Duration::from_secs(300),
+            max_window: Duration::from_secs(8 * 3600),
+            issuers: Vec::new(),
+            groups_claim: "groups".into(),
+            duty_mapping: BTreeMap::new(),
+            preview_bytes: 1024,
+            max_pending: 1000,
+            api_listen: None,
+            webhook: None,
+        }
+    }
+}
+
+/// `[approvals.webhook]`: where new pending approvals are POSTed.
+#[derive(Debug, Clone)]
+pub struct Webhook {
+    pub url: String,
+    /// Per attempt.
+    pub timeout: Duration,
+    /// Attempts after the first.
+    pub retries: u32,
 }
 
 /// Where a secret (or a client secret) is read from.
@@ -678,6 +765,13 @@ fn validate(
     }
     let (secrets, secret_values) = load_secrets(raw.secrets, env, &at)?;
     let interception = interception(raw.interception, &at, &invalid)?;
+    let approvals = approvals(raw.approvals, &trusted_issuers, &at)?;
+    if raw.policy.default == Action::Approve {
+        return Err(invalid(
+            "policy.default = \"approve\" is not possible (an approval needs a rule's approvers); use allow or block and write an approve rule"
+                .into(),
+        ));
+    }
     let policy = Policy::build(
         raw.policy.version,
         raw.policy.default,
@@ -709,6 +803,7 @@ fn validate(
         policy,
         secrets,
         interception,
+        approvals,
     })
 }
 
@@ -769,6 +864,87 @@ fn load_secrets(
         infos.push(SecretInfo { name, source, path });
     }
     Ok((infos, values))
+}
+
+fn approvals(
+    raw: RawApprovals,
+    trusted: &[TrustedIssuer],
+    at: &impl Fn(Range<usize>, String) -> ConfigError,
+) -> Result<Approvals, ConfigError> {
+    let d = Approvals::default();
+    let positive = |v: &Option<Spanned<u64>>, key: &str, default: u64| match v {
+        Some(s) if *s.get_ref() == 0 => Err(at(
+            s.span(),
+            format!("approvals.{key} must be greater than 0 (default {default})"),
+        )),
+        Some(s) => Ok(*s.get_ref()),
+        None => Ok(default),
+    };
+    let timeout = positive(&raw.timeout_secs, "timeout_secs", d.timeout.as_secs())?;
+    let max_window = positive(
+        &raw.max_window_minutes,
+        "max_window_minutes",
+        d.max_window.as_secs() / 60,
+    )?;
+    let preview = positive(&raw.preview_bytes, "preview_bytes", d.preview_bytes as u64)?;
+    let max_pending = positive(&raw.max_pending, "max_pending", d.max_pending as u64)?;
+    for i in &raw.issuers {
+        if !trusted.iter().any(|t| &t.issuer == i.get_ref()) {
+            return Err(at(
+                i.span(),
+                format!(
+                    "approvals.issuers names {:?}, which is not a [[trusted_issuer]]; add it there first",
+                    i.get_ref()
+                ),
+            ));
+        }
+    }
+    let api_listen = match raw.api {
+        Some(api) => Some(api.listen.get_ref().parse::<SocketAddr>().map_err(|_| {
+            at(
+                api.listen.span(),
+                format!(
+                    "approvals.api.listen: {:?} is not an address with a port; write \"127.0.0.1:8787\"",
+                    api.listen.get_ref()
+                ),
+            )
+        })?),
+        None => None,
+    };
+    let webhook = match raw.webhook {
+        Some(w) => {
+            let url = w.url.get_ref();
+            if !(url.starts_with("http://") || url.starts_with("https://"))
+                || reqwest::Url::parse(url).is_err()
+            {
+                return Err(at(
+                    w.url.span(),
+                    format!("approvals.webhook.url: {url:?} is not an http:// or https:// URL"),
+                ));
+            }
+            Some(Webhook {
+                url: url.clone(),
+                timeout: Duration::from_millis(positive(
+                    &w.timeout_ms,
+                    "webhook.timeout_ms",
+                    5000,
+                )?),
+                retries: w.retries.unwrap_or(3).min(10),
+            })
+        }
+        None => None,
+    };
+    Ok(Approvals {
+        timeout: Duration::from_secs(timeout),
+        max_window: Duration::from_secs(max_window.saturating_mul(60)),
+        issuers: raw.issuers.into_iter().map(Spanned::into_inner).collect(),
+        groups_claim: raw.groups_claim.unwrap_or(d.groups_claim),
+        duty_mapping: raw.duty_mapping,
+        preview_bytes: usize::try_from(preview).unwrap_or(usize::MAX),
+        max_pending: usize::try_from(max_pending).unwrap_or(usize::MAX),
+        api_listen,
+        webhook,
+    })
 }
 
 fn interception(

@@ -52,6 +52,8 @@ pub struct State {
     pub pin_dir: PathBuf,
     /// The CA, upstream trust and limits of HTTP/TLS interception.
     pub interception: crate::intercept::Interception,
+    /// Requests held for approval, and the windows granted.
+    pub approvals: Arc<crate::approvals::Approvals>,
     config: RwLock<Arc<Live>>,
 }
 
@@ -162,6 +164,10 @@ pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
             .context("preparing HTTP/TLS interception (CA and upstream trust)")?;
     let identities = Arc::new(Identities::from_config(&cfg));
     identities.spawn_refreshers();
+    let approvals = Arc::new(
+        crate::approvals::Approvals::new(&cfg.approvals, identities.clone(), &cfg.daemon.state_dir)
+            .context("preparing approvals (state directory)")?,
+    );
     let state = Arc::new(State {
         maps,
         resolver: Resolver::new(mount, roots),
@@ -180,8 +186,16 @@ pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         fast_path: cfg.daemon.fast_path,
         pin_dir: cfg.daemon.pin_dir.clone(),
         interception,
+        approvals,
         config: RwLock::new(Live::new(&cfg)),
     });
+    if let Some(addr) = cfg.approvals.api_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the approvals API on {addr}"))?;
+        tracing::info!(event = "approvals_api", listen = %listener.local_addr().unwrap_or(addr));
+        tokio::spawn(crate::approvals::api::serve(listener, state.clone()));
+    }
 
     let admin = admin::bind(&cfg.daemon.admin_socket)?;
     tokio::spawn(admin::serve(admin, state.clone()));
@@ -257,6 +271,9 @@ pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         }
     }
     crate::notify::notify("STOPPING=1");
+    // Held requests do not outlive the daemon: their clients get a refusal
+    // and the audit says so.
+    state.approvals.abort_all();
     // Fail closed: tagged connects are refused until a daemon is ready again.
     let not_ready = Control {
         ready: 0,

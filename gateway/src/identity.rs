@@ -247,6 +247,40 @@ impl Identities {
         Ok(ident)
     }
 
+    /// Every subject bound to `cgroup`: the identity configured for it
+    /// (static subject, or the client-credentials client and its current
+    /// token's subject) and every job token enrolled at, above or below it.
+    /// None of them may approve a request from that cgroup.
+    pub fn subjects_bound_to(&self, cgroup: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let Some((root, b)) = self.binding(cgroup) else {
+            return out;
+        };
+        match &b.source {
+            Source::Static(i) => out.push(i.subject.clone()),
+            Source::ClientCredentials { creds, current, .. } => {
+                out.push(creds.client_id.clone());
+                if let Ok(Ok(i)) = current.read().as_deref() {
+                    out.push(i.subject.clone());
+                }
+            }
+            Source::Enrolled { jobs, .. } => {
+                if let Ok(jobs) = jobs.read() {
+                    out.extend(
+                        jobs.iter()
+                            .filter(|(p, _)| {
+                                within(p, root) && (within(cgroup, p) || within(p, cgroup))
+                            })
+                            .map(|(_, i)| i.subject.clone()),
+                    );
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// Verifies `token` and binds it to `cgroup` (path with leading `/`),
     /// which must lie inside an identity configured for enrolled tokens.
     pub async fn enroll(&self, cgroup: &str, token: &str) -> Result<Arc<Identity>, String> {

@@ -49,6 +49,7 @@ use self::{
     io::{BoxError, Connector, Prefixed},
 };
 use crate::{
+    approvals,
     audit::{HttpRecord, Outcome},
     config::{self, Action},
     daemon::State,
@@ -389,13 +390,145 @@ async fn handle(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<ResponseB
         Action::Block => {
             return gateway_response(StatusCode::FORBIDDEN, rec, up, started, "blocked");
         }
+        Action::Approve if is_websocket(&req) => {
+            rec.decision = "approve";
+            let (method, path) = (req.method().clone(), req.uri().path().to_string());
+            if let Err(status) = hold(&ctx, &method, &path, None, &identity, &host, &mut rec).await
+            {
+                return gateway_response(status, rec, up, started, "blocked");
+            }
+        }
+        Action::Approve => {
+            rec.decision = "approve";
+            let (parts, incoming) = req.into_parts();
+            let bytes = match read_held_body(incoming, &up).await {
+                Ok(b) => b,
+                Err((status, outcome, why)) => {
+                    rec.reason = format!("{}; {why}", rec.reason);
+                    return gateway_response(status, rec, up, started, outcome);
+                }
+            };
+            let path = parts.uri.path().to_string();
+            if let Err(status) = hold(
+                &ctx,
+                &parts.method,
+                &path,
+                Some(&bytes),
+                &identity,
+                &host,
+                &mut rec,
+            )
+            .await
+            {
+                return gateway_response(status, rec, up, started, "blocked");
+            }
+            let req = Request::from_parts(parts, body::full(bytes));
+            return forward(&ctx, req, authority, &rd, rec, &host, up, started).await;
+        }
     }
 
     if is_websocket(&req) {
         let client_upgrade = hyper::upgrade::on(&mut req);
         return websocket(&ctx, req, client_upgrade, &rd, rec, &host, up, started).await;
     }
+    let req = req.map(|b| Counted::new(b, up.clone()).boxed_unsync());
     forward(&ctx, req, authority, &rd, rec, &host, up, started).await
+}
+
+/// Request bodies held for approval are kept in memory up to this size.
+const HOLD_BODY_MAX: usize = 8 * 1024 * 1024;
+
+/// The body of a request held for approval, read whole (bounded), so that
+/// what is forwarded is exactly what the approver saw summarised.
+async fn read_held_body(
+    incoming: Incoming,
+    up: &Arc<AtomicU64>,
+) -> Result<bytes::Bytes, (StatusCode, &'static str, String)> {
+    let limited = http_body_util::Limited::new(Counted::new(incoming, up.clone()), HOLD_BODY_MAX);
+    match limited.collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err((
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "blocked",
+                format!(
+                    "the request body is larger than {HOLD_BODY_MAX} bytes, the most a request held for approval may carry"
+                ),
+            ))
+        }
+        Err(e) => Err((
+            StatusCode::BAD_REQUEST,
+            "failed",
+            format!("reading the request body failed: {e}"),
+        )),
+    }
+}
+
+/// Holds a request until an approver decides: `Ok` when approved (now or
+/// by a window), else the status to refuse with; either way `rec` gets the
+/// approval id, the approver and the outcome in its reason. The client
+/// going away drops this future, which cancels the approval.
+#[allow(clippy::too_many_arguments)]
+async fn hold(
+    ctx: &Ctx,
+    method: &Method,
+    path: &str,
+    body: Option<&bytes::Bytes>,
+    identity: &crate::identity::Identity,
+    host: &str,
+    rec: &mut HttpRecord,
+) -> Result<(), StatusCode> {
+    let approvals = &ctx.state.approvals;
+    let mut summary = approvals::Summary {
+        kind: "http".into(),
+        destination: ctx.conn.dst.to_string(),
+        host: host.to_string(),
+        method: method.to_string(),
+        path: path.to_string(),
+        body_bytes: None,
+        body_sha256: None,
+        preview: None,
+        preview_truncated: false,
+    };
+    if let Some(b) = body {
+        approvals.summarize_body(b, &mut summary);
+    }
+    let ask = approvals::Ask {
+        rule: rec.rule.clone(),
+        reason: rec.reason.clone(),
+        approvers: ctx.state.policy().approvers_of(&rec.rule),
+        requester: approvals::requester(identity, &ctx.conn.cgroup, ctx.conn.pid, &ctx.conn.exe),
+        request: summary,
+    };
+    let outcome = match approvals.ask(ask) {
+        Err(o) => o,
+        Ok(ticket) => {
+            rec.approval_id = ticket.id().to_string();
+            ticket.wait().await
+        }
+    };
+    if let approvals::Outcome::Window(w) = &outcome {
+        rec.approval_id.clone_from(&w.approval_id);
+    }
+    rec.approver = outcome.approver().to_string();
+    let what = format!(
+        "approval {}: {}",
+        if rec.approval_id.is_empty() {
+            "-"
+        } else {
+            &rec.approval_id
+        },
+        outcome.describe(approvals.timeout())
+    );
+    rec.reason = format!("{}; {what}", rec.reason);
+    if outcome.approved() {
+        Ok(())
+    } else {
+        Err(StatusCode::FORBIDDEN)
+    }
 }
 
 /// A response the gateway writes itself: a short text naming the rule and
@@ -408,6 +541,10 @@ fn gateway_response(
     outcome: &'static str,
 ) -> Response<ResponseBody> {
     let text = match status {
+        StatusCode::FORBIDDEN if !rec.approval_id.is_empty() => format!(
+            "Held for approval by the gateway: rule {}; {}.\nApproval id: {}\nRequest id: {}\n",
+            rec.rule, rec.reason, rec.approval_id, rec.request_id
+        ),
         StatusCode::FORBIDDEN => format!(
             "Blocked by the gateway: rule {} ({}).\nRequest id: {}\n",
             rec.rule, rec.reason, rec.request_id
@@ -418,6 +555,7 @@ fn gateway_response(
         ),
     };
     let id = HeaderValue::from_str(&rec.request_id).unwrap_or(HeaderValue::from_static("-"));
+    let approval = rec.approval_id.clone();
     let mut rec = rec;
     rec.status = status.as_u16();
     let mut resp = Response::new(ResponseBody::gateway(text, rec, up, started, outcome));
@@ -429,6 +567,9 @@ fn gateway_response(
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert(HeaderName::from_static("x-gateway-request-id"), id);
+    if let Ok(v) = HeaderValue::from_str(&approval) {
+        h.insert(HeaderName::from_static("x-gateway-approval-id"), v);
+    }
     resp
 }
 
@@ -529,7 +670,7 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 #[allow(clippy::too_many_arguments)]
 async fn forward(
     ctx: &Ctx,
-    req: Request<Incoming>,
+    req: Request<BoxBody>,
     authority: Option<String>,
     rd: &RequestDecision,
     mut rec: HttpRecord,
@@ -568,7 +709,6 @@ async fn forward(
     // HTTP/1.1 upstream and as :authority for h2, where a Host header as
     // well is refused by servers such as nginx.
     parts.headers.remove(header::HOST);
-    let body = Counted::new(body, up.clone()).boxed_unsync();
     let resp = match ctx.client.request(Request::from_parts(parts, body)).await {
         Ok(r) => r,
         Err(e) => {

@@ -1,6 +1,7 @@
 //! `gateway`: the daemon and its command-line tools.
 
 mod admin;
+mod approvals;
 mod audit;
 mod cgroup;
 mod config;
@@ -86,6 +87,13 @@ enum Cmd {
     Detach {
         #[arg(long, env = "GATEWAY_CONFIG")]
         config: Option<PathBuf>,
+    },
+    /// Held requests: list them, look at one, approve or deny (with an approver's OIDC token).
+    Approvals {
+        #[arg(long, env = "GATEWAY_CONFIG", global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        cmd: approvals::cli::Cmd,
     },
     /// The TLS interception CA: create it, show it, install it where clients look.
     Ca {
@@ -178,6 +186,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 CaCmd::Show => tls::ca::show(&dir)?,
                 CaCmd::Trust { nssdb, system } => tls::ca::trust(&dir, nssdb.as_deref(), system)?,
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Approvals { config, cmd } => {
+            let cfg = config::Config::load(config.as_deref())?;
+            approvals::cli::run(&cfg.daemon.admin_socket, cmd)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status { config, json } => {

@@ -99,6 +99,9 @@ pub struct RawRule {
     #[serde(default)]
     pub inject: Option<Spanned<RawInjects>>,
     pub action: Spanned<Action>,
+    /// `approve` rules: the duties any one of which may approve.
+    #[serde(default)]
+    pub approvers: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -239,6 +242,8 @@ pub struct Rule {
     mask: Option<Arc<MaskSpec>>,
     inject: Vec<Injection>,
     pub action: Action,
+    /// Duties that may approve (`approve` rules only).
+    approvers: Vec<String>,
 }
 
 /// Who is asking, as the policy sees it.
@@ -408,6 +413,9 @@ impl fmt::Display for Rule {
         for i in &self.inject {
             write!(f, "; inject {} ← secret {}", i.header, i.secret)?;
         }
+        if !self.approvers.is_empty() {
+            write!(f, "; approvers [{}]", list(&self.approvers))?;
+        }
         Ok(())
     }
 }
@@ -424,7 +432,7 @@ impl fmt::Display for Policy {
         )?;
         writeln!(
             f,
-            "  order: rules are tried top to bottom; the first whose conditions all hold decides (allow or block); none: default {}",
+            "  order: rules are tried top to bottom; the first whose conditions all hold decides (allow, block or approve); none: default {}",
             self.default
         )?;
         writeln!(
@@ -528,9 +536,9 @@ impl Policy {
             let action = *r.action.get_ref();
             let (mask_entries, mask) = match &r.mask {
                 Some(list) if !list.get_ref().is_empty() => {
-                    if action != Action::Allow {
+                    if action == Action::Block {
                         return Err(at(list.span())(
-                            "mask only applies to allow rules; move it to an allow rule or drop it"
+                            "mask only applies to allow and approve rules; move it to an allow rule or drop it"
                                 .into(),
                         ));
                     }
@@ -548,9 +556,9 @@ impl Policy {
             };
             let mut inject: Vec<Injection> = Vec::new();
             if let Some(list) = &r.inject {
-                if action != Action::Allow && !list.get_ref().0.is_empty() {
+                if action == Action::Block && !list.get_ref().0.is_empty() {
                     return Err(at(list.span())(
-                        "inject only applies to allow rules; move it to an allow rule or drop it"
+                        "inject only applies to allow and approve rules; move it to an allow rule or drop it"
                             .into(),
                     ));
                 }
@@ -584,6 +592,28 @@ impl Policy {
                     });
                 }
             }
+            let approvers = match (&r.approvers, action) {
+                (Some(list), Action::Approve) => {
+                    if list.get_ref().is_empty() || list.get_ref().iter().any(String::is_empty) {
+                        return Err(at(list.span())(
+                            "approvers must name at least one duty (non-empty), e.g. approvers = [\"approval-engine\"]".into(),
+                        ));
+                    }
+                    list.get_ref().clone()
+                }
+                (None, Action::Approve) => {
+                    return Err(at(r.action.span())(
+                        "an approve rule needs approvers = [\"<duty>\", ...]: the duties of the identities that may approve (never the requester itself)".into(),
+                    ));
+                }
+                (Some(list), _) => {
+                    return Err(at(list.span())(format!(
+                        "approvers only apply to action = \"approve\"; this rule's action is {}",
+                        action
+                    )));
+                }
+                (None, _) => Vec::new(),
+            };
             let claims = r
                 .claims
                 .into_iter()
@@ -610,6 +640,7 @@ impl Policy {
                 mask,
                 inject,
                 action,
+                approvers,
             });
         }
         Ok(Policy {
@@ -618,6 +649,27 @@ impl Policy {
             rules,
             merged: MaskCache::default(),
         })
+    }
+
+    /// The approver duties of approve rule `rule` (empty if there is none).
+    pub fn approvers_of(&self, rule: &str) -> Vec<String> {
+        self.rules
+            .iter()
+            .find(|r| r.id == rule)
+            .map(|r| r.approvers.clone())
+            .unwrap_or_default()
+    }
+
+    /// Every duty any approve rule names, sorted.
+    pub fn approver_duties(&self) -> Vec<String> {
+        let mut d: Vec<String> = self
+            .rules
+            .iter()
+            .flat_map(|r| r.approvers.iter().cloned())
+            .collect();
+        d.sort();
+        d.dedup();
+        d
     }
 
     /// A policy with only a default.
@@ -644,7 +696,7 @@ impl Policy {
                 return ConnPlan::Sniff;
             }
             // This rule decides whatever the host or the requests are.
-            if rule.action == Action::Allow
+            if rule.action != Action::Block
                 && (rule.has_effects()
                     || self.rules[i + 1..].iter().any(|r| {
                         r.action == Action::Allow
@@ -685,7 +737,7 @@ impl Policy {
                 continue;
             }
             if !rule.matches_subject(who) {
-                if lacking.is_none() && rule.action == Action::Allow {
+                if lacking.is_none() && rule.action != Action::Block {
                     lacking = Some(rule);
                 }
                 continue;
@@ -693,7 +745,7 @@ impl Policy {
             if rule.has_request_part() {
                 return ConnDecision::Inspect;
             }
-            if rule.action == Action::Allow
+            if rule.action != Action::Block
                 && std::iter::once(rule)
                     .chain(self.later_l4_allows(i, who, to, false))
                     .any(Rule::has_effects)
@@ -726,12 +778,12 @@ impl Policy {
                 continue;
             }
             if !rule.matches_subject(who) {
-                if lacking.is_none() && rule.action == Action::Allow {
+                if lacking.is_none() && rule.action != Action::Block {
                     lacking = Some(rule);
                 }
                 continue;
             }
-            if rule.action != Action::Allow {
+            if rule.action == Action::Block {
                 return RequestDecision {
                     decision: rule.decision(format!(" ({what})")),
                     mask: None,
@@ -824,12 +876,12 @@ impl Policy {
                 continue;
             }
             if !rule.matches_subject(who) {
-                if lacking.is_none() && rule.action == Action::Allow {
+                if lacking.is_none() && rule.action != Action::Block {
                     lacking = Some(rule);
                 }
                 continue;
             }
-            if rule.action == Action::Allow
+            if rule.action != Action::Block
                 && let Some(needy) = std::iter::once(rule)
                     .chain(self.later_l4_allows(i, who, to, true))
                     .find(|r| r.has_effects())

@@ -17,6 +17,7 @@ use serde::Serialize;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::{
+    approvals,
     audit::{ConnRecord, Outcome},
     config::Action,
     daemon::State,
@@ -194,6 +195,8 @@ enum Verdict {
     Refuse(String),
     /// The decision depends on the first bytes (SNI, Host, HTTP request).
     Sniff(Allowed),
+    /// Held until an approver decides (`Allowed` once approved).
+    Hold(Allowed),
 }
 
 async fn handle(client: TcpStream, peer: SocketAddr, local: SocketAddr, state: Arc<State>) {
@@ -215,6 +218,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, local: SocketAddr, state: A
             (outcome, format!("{}; {how}", allowed.reason))
         }
         Verdict::Sniff(pending) => sniffed(client, pending, &state, &mut rec).await,
+        Verdict::Hold(allowed) => held(client, Vec::new(), None, allowed, &state, &mut rec).await,
     };
     rec.duration = started.elapsed();
     rec.emit(outcome, &reason);
@@ -311,7 +315,104 @@ fn decide(peer: SocketAddr, local: SocketAddr, state: &State, rec: &mut ConnReco
             rec.decision = "block";
             Verdict::Refuse(decision.reason)
         }
+        Action::Approve => {
+            rec.decision = "approve";
+            Verdict::Hold(Allowed {
+                dst,
+                reason: decision.reason,
+                cgroup_id: orig.cgroup_id,
+                identity,
+                cacheable: false,
+            })
+        }
     }
+}
+
+/// Client bytes read (and kept for upstream) while a connection is held.
+const HOLD_BUFFER: usize = 64 * 1024;
+
+/// A connection held before its upstream connect until an approver decides
+/// (rule `rec.rule`). Approved: forwarded with what the client sent
+/// meanwhile. Denied, timed out, aborted: refused (plain HTTP gets a 403
+/// naming the approval). The client going away cancels the approval.
+async fn held(
+    mut client: TcpStream,
+    mut buf: Vec<u8>,
+    kind: Option<intercept::Kind>,
+    mut allowed: Allowed,
+    state: &Arc<State>,
+    rec: &mut ConnRecord,
+) -> (Outcome, String) {
+    use tokio::io::AsyncReadExt;
+    let ask = approvals::Ask {
+        rule: rec.rule.clone(),
+        reason: allowed.reason.clone(),
+        approvers: state.policy().approvers_of(&rec.rule),
+        requester: approvals::requester(&allowed.identity, &rec.cgroup, rec.pid, &rec.exe),
+        request: approvals::Summary {
+            kind: "connection".into(),
+            destination: allowed.dst.to_string(),
+            host: rec.host.clone(),
+            method: String::new(),
+            path: String::new(),
+            body_bytes: None,
+            body_sha256: None,
+            preview: None,
+            preview_truncated: false,
+        },
+    };
+    let outcome = match state.approvals.ask(ask) {
+        Err(outcome) => outcome,
+        Ok(ticket) => {
+            rec.approval_id = ticket.id().to_string();
+            let wait = ticket.wait();
+            tokio::pin!(wait);
+            let mut chunk = [0u8; 4096];
+            loop {
+                let room = HOLD_BUFFER.saturating_sub(buf.len()).min(chunk.len());
+                tokio::select! {
+                    o = &mut wait => break o,
+                    r = client.read(&mut chunk[..room]), if room > 0 => match r {
+                        Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                        // Dropping `wait` cancels the approval (audited).
+                        _ => {
+                            return (
+                                Outcome::Closed,
+                                format!(
+                                    "{}; the client went away while approval {} was pending (cancelled)",
+                                    allowed.reason, rec.approval_id
+                                ),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    };
+    if let approvals::Outcome::Window(w) = &outcome {
+        rec.approval_id.clone_from(&w.approval_id);
+    }
+    rec.approver = outcome.approver().to_string();
+    let what = format!(
+        "approval {}: {}",
+        if rec.approval_id.is_empty() {
+            "-"
+        } else {
+            &rec.approval_id
+        },
+        outcome.describe(state.approvals.timeout())
+    );
+    if outcome.approved() {
+        allowed.reason = format!("{}; {what}", allowed.reason);
+        let (o, how) = forward(client, buf, &allowed, state, rec).await;
+        return (o, format!("{}; {how}", allowed.reason));
+    }
+    if matches!(kind, Some(intercept::Kind::Http)) {
+        refuse_http(client, &rec.rule, rec.session, &what).await;
+    } else {
+        close_gently(client).await;
+    }
+    (Outcome::Refused, format!("{}; {what}", allowed.reason))
 }
 
 /// An allowed connection, with what the fast path needs to reuse the
@@ -404,11 +505,16 @@ async fn sniffed(
                 Action::Block => {
                     rec.decision = "block";
                     if matches!(kind, Some(intercept::Kind::Http)) {
-                        refuse_http(client, &rec.rule, rec.session).await;
+                        refuse_http(client, &rec.rule, rec.session, &d.reason).await;
                     } else {
                         close_gently(client).await;
                     }
                     (Outcome::Refused, d.reason)
+                }
+                Action::Approve => {
+                    rec.decision = "approve";
+                    allowed.reason = d.reason;
+                    held(client, buf, kind, allowed, state, rec).await
                 }
             }
         }
@@ -445,9 +551,9 @@ async fn sniffed(
 
 /// A plaintext HTTP client blocked at connection level still gets an
 /// answer it can read.
-async fn refuse_http(mut client: TcpStream, rule: &str, session: u64) {
+async fn refuse_http(mut client: TcpStream, rule: &str, session: u64, why: &str) {
     use tokio::io::AsyncWriteExt;
-    let body = format!("Blocked by the gateway: rule {rule}.\nRequest id: {session}-1\n");
+    let body = format!("Blocked by the gateway: rule {rule} ({why}).\nRequest id: {session}-1\n");
     let head = format!(
         "HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nx-gateway-request-id: {session}-1\r\nconnection: close\r\n\r\n",
         body.len()
