@@ -121,7 +121,7 @@ pub enum Outcome {
         window: Option<Duration>,
     },
     /// Passed under a window granted earlier.
-    Window(Window),
+    Window(Box<Window>),
     Denied {
         approver: String,
         reason: String,
@@ -432,7 +432,7 @@ impl Approvals {
                 && w.identity == ask.requester.identity
                 && w.subject == ask.requester.subject
         }) {
-            return Err(Outcome::Window(w.clone()));
+            return Err(Outcome::Window(Box::new(w.clone())));
         }
         if inner.pending.len() >= self.cfg.max_pending {
             return Err(Outcome::Refused(format!(

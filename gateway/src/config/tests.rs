@@ -505,3 +505,85 @@ fn client_secret_reads_through_the_same_credential_code() {
         .to_string();
     assert!(err.contains("$CREDENTIALS_DIRECTORY is not set"), "{err}");
 }
+
+#[test]
+fn approvals_section_defaults_and_values() {
+    let c = Config::parse_with("", "t", &no_env()).unwrap();
+    let a = &c.approvals;
+    assert_eq!(a.timeout, Duration::from_secs(300));
+    assert_eq!(a.max_window, Duration::from_secs(8 * 3600));
+    assert_eq!(a.groups_claim, "groups");
+    assert!(a.api_listen.is_none() && a.webhook.is_none() && a.issuers.is_empty());
+    let text = r#"
+[[trusted_issuer]]
+issuer = "https://idp.example"
+audiences = ["gateway"]
+
+[approvals]
+timeout_secs = 90
+max_window_minutes = 30
+issuers = ["https://idp.example"]
+groups_claim = "roles"
+duty_mapping = { "finance-approvers" = ["approval-engine"] }
+preview_bytes = 64
+
+[approvals.api]
+listen = "127.0.0.1:8787"
+
+[approvals.webhook]
+url = "https://hooks.example/approvals"
+timeout_ms = 1500
+retries = 2
+"#;
+    let c = Config::parse_with(text, "t", &no_env()).unwrap();
+    let a = &c.approvals;
+    assert_eq!(a.timeout, Duration::from_secs(90));
+    assert_eq!(a.max_window, Duration::from_secs(30 * 60));
+    assert_eq!(a.issuers, vec!["https://idp.example".to_string()]);
+    assert_eq!(a.groups_claim, "roles");
+    assert_eq!(a.duty_mapping["finance-approvers"], vec!["approval-engine"]);
+    assert_eq!(a.preview_bytes, 64);
+    assert_eq!(a.api_listen, Some("127.0.0.1:8787".parse().unwrap()));
+    let w = a.webhook.as_ref().unwrap();
+    assert_eq!(w.url, "https://hooks.example/approvals");
+    assert_eq!((w.timeout, w.retries), (Duration::from_millis(1500), 2));
+}
+
+#[test]
+fn approvals_errors_point_at_the_value() {
+    let cases = [
+        ("[approvals]\ntimeout_secs = 0\n", 2, 16, "greater than 0"),
+        (
+            "[approvals]\nissuers = [\"https://nobody.example\"]\n",
+            2,
+            12,
+            "not a [[trusted_issuer]]",
+        ),
+        (
+            "[approvals.api]\nlisten = \"localhost\"\n",
+            2,
+            10,
+            "not an address with a port",
+        ),
+        (
+            "[approvals.webhook]\nurl = \"ftp://x\"\n",
+            2,
+            7,
+            "http:// or https://",
+        ),
+        ("[approvals]\nsurprise = 1\n", 2, 1, "unknown field"),
+    ];
+    for (text, line, column, want) in cases {
+        let err = Config::parse_with(text, "g.toml", &no_env()).unwrap_err();
+        let (l, c, message) = position(&err);
+        assert_eq!((l, c), (line, column), "{text}: {err}");
+        assert!(message.contains(want), "{text}: {err}");
+    }
+    let err = Config::parse_with(
+        "[policy]\nversion = 1\ndefault = \"approve\"\n",
+        "g.toml",
+        &no_env(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("not possible"), "{err}");
+}

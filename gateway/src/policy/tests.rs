@@ -1279,7 +1279,7 @@ fn broken_rules_are_refused_with_a_hint() {
         (
             "mask on block",
             "[[rule]]\nid=\"a\"\nmask=[\"email\"]\naction=\"block\"",
-            "only applies to allow rules",
+            "only applies to allow and approve rules",
             "[\"email\"]",
         ),
         (
@@ -1303,8 +1303,26 @@ fn broken_rules_are_refused_with_a_hint() {
         (
             "inject on block",
             "[[rule]]\nid=\"a\"\ninject={ header = \"X-A\", secret = \"other-token\" }\naction=\"block\"",
-            "only applies to allow rules",
+            "only applies to allow and approve rules",
             "{ header",
+        ),
+        (
+            "approve without approvers",
+            "[[rule]]\nid=\"a\"\nmethods=[\"POST\"]\naction=\"approve\"",
+            "needs approvers",
+            "approve",
+        ),
+        (
+            "empty approvers",
+            "[[rule]]\nid=\"a\"\napprovers=[]\naction=\"approve\"",
+            "at least one duty",
+            "[]",
+        ),
+        (
+            "approvers on allow",
+            "[[rule]]\nid=\"a\"\napprovers=[\"x\"]\naction=\"allow\"",
+            "only apply to action = \"approve\"",
+            "[\"x\"]",
         ),
     ];
     for (name, text, want, spanned) in cases {
@@ -1402,4 +1420,122 @@ fn check_output_shows_the_new_fields() {
     ] {
         assert!(shown.contains(want), "missing {want:?} in\n{shown}");
     }
+}
+
+const APPROVE_RULES: &str = r#"
+[[rule]]
+id = "db-connect"
+ports = [5432]
+action = "approve"
+approvers = ["dba"]
+
+[[rule]]
+id = "payments"
+duties = ["browser-executor"]
+hosts = ["pay.example"]
+methods = ["POST"]
+paths = ["/v1/charges/**"]
+action = "approve"
+approvers = ["approval-engine", "finance"]
+
+[[rule]]
+id = "pay-read"
+hosts = ["pay.example"]
+action = "allow"
+inject = { header = "Authorization", secret = "partner-token" }
+"#;
+
+#[test]
+fn approve_rules_decide_like_allow_rules_but_hold() {
+    let p = policy(APPROVE_RULES, Action::Block);
+    let none = BTreeMap::new();
+    let browser = vec!["browser-executor".to_string()];
+    let job = Subject {
+        identity: "ci",
+        duties: &browser,
+        claims: &none,
+    };
+    let to = dest("192.0.2.10", 443, "pay.example");
+    let h = headers(&[]);
+    let post = Request {
+        method: "POST",
+        path: "/v1/charges/ch_1",
+        headers: &h,
+    };
+    // The payment is held, and once approved carries the later rule's
+    // credential.
+    let rd = p.decide_request(&job, &to, &post);
+    assert_eq!(rd.decision.action, Action::Approve);
+    assert_eq!(rd.decision.rule, "payments");
+    assert_eq!(rd.inject.len(), 1, "{:?}", rd.decision);
+    assert_eq!(
+        p.approvers_of("payments"),
+        vec!["approval-engine".to_string(), "finance".to_string()]
+    );
+    assert!(p.approvers_of("pay-read").is_empty());
+    assert_eq!(
+        p.approver_duties(),
+        vec!["approval-engine", "dba", "finance"]
+    );
+    // A GET is not held; a dot-segment cannot step around the hold.
+    let get = Request {
+        method: "GET",
+        ..post
+    };
+    assert_eq!(
+        p.decide_request(&job, &to, &get).decision.action,
+        Action::Allow
+    );
+    let sneaky = Request {
+        path: "/v1/x/../charges/ch_1",
+        ..post
+    };
+    assert_eq!(
+        p.decide_request(&job, &to, &sneaky).decision.action,
+        Action::Approve
+    );
+    // The connection to pay.example is inspected (the hold is per request).
+    assert_eq!(
+        p.decide_connection(&job, &to, Traffic::Tls),
+        ConnDecision::Inspect
+    );
+    // Without the duty the payment rule does not apply: the next rule does.
+    let other = Subject {
+        identity: "other",
+        duties: &[],
+        claims: &none,
+    };
+    assert_eq!(
+        p.decide_request(&other, &to, &post).decision.rule,
+        "pay-read"
+    );
+    // An L4 approve rule holds the connection itself, whatever it speaks.
+    let db = dest("192.0.2.20", 5432, "db.internal");
+    for traffic in [Traffic::Opaque, Traffic::Tls, Traffic::Http] {
+        match p.decide_connection(&job, &db, traffic) {
+            ConnDecision::Decided(d) => {
+                assert_eq!(d.action, Action::Approve, "{traffic:?}");
+                assert_eq!(d.rule, "db-connect");
+            }
+            other => panic!("{traffic:?}: expected a decision, got {other:?}"),
+        }
+    }
+    assert_eq!(p.decide(&job, &db).action, Action::Approve);
+    // Alone, it is decided before a byte is read (and an approve decision
+    // is never cached by the proxy's fast path).
+    let alone = policy(
+        "[[rule]]\nid=\"db\"\nports=[5432]\naction=\"approve\"\napprovers=[\"dba\"]",
+        Action::Block,
+    );
+    assert!(matches!(
+        alone.plan(&job, &db),
+        ConnPlan::Decided(Decision {
+            action: Action::Approve,
+            ..
+        })
+    ));
+    assert!(
+        p.to_string()
+            .contains("approvers [approval-engine, finance]")
+    );
 }
