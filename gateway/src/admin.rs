@@ -230,6 +230,11 @@ fn status(state: &State) -> Value {
             "events_lost": stats.get(10),
         },
         "sessions_total": state.registry.total(),
+        "approvals_pending": state.approvals.list().iter().map(|a| json!({
+            "id": a.id, "rule": a.rule, "identity": a.requester.identity,
+            "host": a.request.host, "method": a.request.method, "path": a.request.path,
+            "expires_unix": a.expires_unix,
+        })).collect::<Vec<_>>(),
     })
 }
 

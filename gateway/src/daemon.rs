@@ -54,6 +54,8 @@ pub struct State {
     pub interception: crate::intercept::Interception,
     /// Requests held for approval, and the windows granted.
     pub approvals: Arc<crate::approvals::Approvals>,
+    /// The approvals API's address: tagged processes never reach it.
+    pub api_addr: Option<SocketAddr>,
     config: RwLock<Arc<Live>>,
 }
 
@@ -164,6 +166,17 @@ pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
             .context("preparing HTTP/TLS interception (CA and upstream trust)")?;
     let identities = Arc::new(Identities::from_config(&cfg));
     identities.spawn_refreshers();
+    let api = match cfg.approvals.api_listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the approvals API on {addr}"))?;
+            tracing::info!(event = "approvals_api", listen = %l.local_addr().unwrap_or(addr));
+            Some(l)
+        }
+        None => None,
+    };
+    let api_addr = api.as_ref().and_then(|l| l.local_addr().ok());
     let approvals = Arc::new(
         crate::approvals::Approvals::new(&cfg.approvals, identities.clone(), &cfg.daemon.state_dir)
             .context("preparing approvals (state directory)")?,
@@ -187,13 +200,10 @@ pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         pin_dir: cfg.daemon.pin_dir.clone(),
         interception,
         approvals,
+        api_addr,
         config: RwLock::new(Live::new(&cfg)),
     });
-    if let Some(addr) = cfg.approvals.api_listen {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding the approvals API on {addr}"))?;
-        tracing::info!(event = "approvals_api", listen = %listener.local_addr().unwrap_or(addr));
+    if let Some(listener) = api {
         tokio::spawn(crate::approvals::api::serve(listener, state.clone()));
     }
 

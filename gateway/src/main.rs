@@ -372,6 +372,18 @@ fn print_status(s: &serde_json::Value) {
     for p in s["pins"].as_array().into_iter().flatten() {
         println!("pin {}", p.as_str().unwrap_or_default());
     }
+    for a in s["approvals_pending"].as_array().into_iter().flatten() {
+        println!(
+            "approval {} rule {} {} {} {}{} expires {}",
+            a["id"].as_str().unwrap_or_default(),
+            a["rule"].as_str().unwrap_or_default(),
+            a["identity"].as_str().unwrap_or_default(),
+            a["method"].as_str().unwrap_or_default(),
+            a["host"].as_str().unwrap_or_default(),
+            a["path"].as_str().unwrap_or_default(),
+            a["expires_unix"]
+        );
+    }
     for c in s["connections"].as_array().into_iter().flatten() {
         println!(
             "conn {} {} pid {} {} -> {} ({}) up {} down {}",

@@ -244,7 +244,16 @@ fn decide(peer: SocketAddr, local: SocketAddr, state: &State, rec: &mut ConnReco
     rec.pid = orig.pid;
     rec.uid = orig.uid;
     rec.exe = state.exes.get(orig.pid);
-    if dst.ip().is_loopback() && (dst.port() == state.proxy_port || dst.port() == state.dns_port) {
+    let is_api = state.api_addr.is_some_and(|a| {
+        a.port() == dst.port()
+            && (a.ip() == dst.ip().to_canonical()
+                || a.ip().is_unspecified()
+                || dst.ip().is_loopback())
+    });
+    if is_api
+        || dst.ip().is_loopback()
+            && (dst.port() == state.proxy_port || dst.port() == state.dns_port)
+    {
         return Verdict::Refuse(format!(
             "original destination {dst} is the gateway itself; it is not a proxy to be addressed directly"
         ));
