@@ -571,6 +571,27 @@ impl Config {
             i.sniff_timeout.as_millis(),
             i.max_decoded_bytes
         );
+        let a = &self.approvals;
+        let _ = writeln!(
+            out,
+            "approvals: timeout {} s, windows up to {} min, approver duties from claim {:?}, issuers [{}], api {}, webhook {}",
+            a.timeout.as_secs(),
+            a.max_window.as_secs() / 60,
+            a.groups_claim,
+            if a.issuers.is_empty() {
+                "every trusted issuer".to_string()
+            } else {
+                a.issuers.join(", ")
+            },
+            a.api_listen.map_or("off".to_string(), |l| l.to_string()),
+            a.webhook.as_ref().map_or("off".to_string(), |w| {
+                // Only the receiver: the path may carry its token.
+                reqwest::Url::parse(&w.url)
+                    .ok()
+                    .and_then(|u| u.host_str().map(str::to_string))
+                    .unwrap_or_default()
+            }),
+        );
         let _ = write!(out, "{}", self.policy);
         out
     }
