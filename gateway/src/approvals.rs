@@ -432,7 +432,10 @@ impl Approvals {
                 && w.identity == ask.requester.identity
                 && w.subject == ask.requester.subject
         }) {
-            return Err(Outcome::Window(Box::new(w.clone())));
+            let w = w.clone();
+            drop(inner);
+            self.audit_window_pass(ask, &w, now);
+            return Err(Outcome::Window(Box::new(w)));
         }
         if inner.pending.len() >= self.cfg.max_pending {
             return Err(Outcome::Refused(format!(
@@ -473,6 +476,34 @@ impl Approvals {
             approval,
             rx: Some(rx),
         })
+    }
+
+    /// A request that passed under window `w`: audited like a decision,
+    /// under the id of the approval that granted the window, naming who
+    /// granted it.
+    fn audit_window_pass(&self, ask: Ask, w: &Window, now: u64) {
+        let passed = Approval {
+            id: w.approval_id.clone(),
+            rule: ask.rule,
+            reason: ask.reason,
+            approvers: ask.approvers,
+            requester: ask.requester,
+            request: ask.request,
+            created_unix: now,
+            expires_unix: w.until_unix,
+        };
+        let granted_by = Approver {
+            subject: w.approver.clone(),
+            issuer: String::new(),
+            duties: Vec::new(),
+        };
+        let outcome = Outcome::Window(Box::new(w.clone()));
+        audit(
+            &passed,
+            outcome.as_str(),
+            Some(&granted_by),
+            &outcome.describe(self.cfg.timeout),
+        );
     }
 
     /// Removes a pending approval (and its file); `None` if it is gone.
