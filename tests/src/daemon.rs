@@ -74,7 +74,7 @@ pub struct TrustedIssuer {
 #[derive(Debug, Clone, Default)]
 pub struct Rule {
     pub id: String,
-    /// `allow` or `block`.
+    /// `allow`, `block` or `approve`.
     pub action: String,
     pub identities: Vec<String>,
     pub duties: Vec<String>,
@@ -96,6 +96,8 @@ pub struct Rule {
     pub mask: Vec<String>,
     /// `inject = { header, secret }`: (header, secret name).
     pub inject: Option<(String, String)>,
+    /// `approvers` of an `approve` rule: duties that may approve.
+    pub approvers: Vec<String>,
 }
 
 impl Rule {
@@ -142,6 +144,7 @@ impl Rule {
             ("ips", &self.ips),
             ("methods", &self.methods),
             ("paths", &self.paths),
+            ("approvers", &self.approvers),
         ];
         for (key, list) in lists {
             if !list.is_empty() {
@@ -181,6 +184,66 @@ impl Rule {
             );
         }
         t += &format!("action = {}\n", q(&self.action));
+        t
+    }
+}
+
+/// `[approvals]`, with `[approvals.api]` and `[approvals.webhook]`. `None`
+/// fields are left out (the daemon's defaults).
+#[derive(Debug, Clone, Default)]
+pub struct Approvals {
+    pub timeout_secs: Option<u64>,
+    pub max_window_minutes: Option<u64>,
+    /// Issuers whose tokens may approve; empty: every trusted issuer.
+    pub issuers: Vec<String>,
+    pub groups_claim: Option<String>,
+    pub preview_bytes: Option<u64>,
+    pub max_pending: Option<u64>,
+    /// `[approvals.api] listen`, e.g. `127.0.0.1:0`.
+    pub api_listen: Option<String>,
+    pub webhook: Option<Webhook>,
+}
+
+/// `[approvals.webhook]`.
+#[derive(Debug, Clone, Default)]
+pub struct Webhook {
+    pub url: String,
+    pub timeout_ms: Option<u64>,
+    pub retries: Option<u32>,
+}
+
+impl Approvals {
+    fn to_toml(&self) -> String {
+        let mut t = String::from("\n[approvals]\n");
+        let numbers = [
+            ("timeout_secs", self.timeout_secs),
+            ("max_window_minutes", self.max_window_minutes),
+            ("preview_bytes", self.preview_bytes),
+            ("max_pending", self.max_pending),
+        ];
+        for (key, value) in numbers {
+            if let Some(v) = value {
+                t += &format!("{key} = {v}\n");
+            }
+        }
+        if !self.issuers.is_empty() {
+            t += &format!("issuers = {}\n", q_list(&self.issuers));
+        }
+        if let Some(claim) = &self.groups_claim {
+            t += &format!("groups_claim = {}\n", q(claim));
+        }
+        if let Some(listen) = &self.api_listen {
+            t += &format!("\n[approvals.api]\nlisten = {}\n", q(listen));
+        }
+        if let Some(w) = &self.webhook {
+            t += &format!("\n[approvals.webhook]\nurl = {}\n", q(&w.url));
+            if let Some(ms) = w.timeout_ms {
+                t += &format!("timeout_ms = {ms}\n");
+            }
+            if let Some(n) = w.retries {
+                t += &format!("retries = {n}\n");
+            }
+        }
         t
     }
 }
@@ -226,6 +289,8 @@ pub struct Config {
     pub interception_cas: Vec<PathBuf>,
     /// `interception.max_decoded_bytes`; the daemon's default when `None`.
     pub max_decoded_bytes: Option<u64>,
+    /// `[approvals]`; left out (the daemon's defaults) when `None`.
+    pub approvals: Option<Approvals>,
 }
 
 impl Config {
@@ -262,6 +327,7 @@ impl Config {
             secrets: Vec::new(),
             interception_cas: Vec::new(),
             max_decoded_bytes: None,
+            approvals: None,
         }
     }
 
@@ -462,6 +528,9 @@ impl Config {
                 t += &format!("max_decoded_bytes = {max}\n");
             }
         }
+        if let Some(a) = &self.approvals {
+            t += &a.to_toml();
+        }
         t += "\n[policy]\nversion = 1\n";
         t += &format!("default = {}\n", q(&self.policy_default));
         for rule in &self.rules {
@@ -657,6 +726,35 @@ impl Daemon {
     /// until it is ready.
     pub fn restart(&mut self) {
         self.kill9();
+        self.spawn();
+        self.wait_ready();
+    }
+
+    /// `SIGTERM`, the way systemd stops it, and wait until it has exited
+    /// and its log is read to the end; returns its exit status. Pins stay.
+    /// Panics (after a `SIGKILL`) if it does not exit within 30 s.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("daemon running");
+        // SAFETY: plain kill(2) on our own child, not yet reaped.
+        let r = unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        assert_eq!(r, 0, "SIGTERM to the daemon failed");
+        let status = crate::poll(READY_TIMEOUT, || child.try_wait().ok().flatten());
+        let Some(status) = status else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the daemon did not exit within {READY_TIMEOUT:?} of SIGTERM");
+        };
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        status
+    }
+
+    /// Start the daemon again after [`Daemon::kill9`] or
+    /// [`Daemon::terminate`] (same config, same pin dir); waits until it is
+    /// ready. The earlier run's log stays readable in the diagnostics.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the daemon is still running");
         self.spawn();
         self.wait_ready();
     }

@@ -11,6 +11,7 @@ pub mod chromium;
 pub mod daemon;
 pub mod dns;
 pub mod errno;
+pub mod hook;
 pub mod jsonlog;
 pub mod net;
 pub mod oidc;
