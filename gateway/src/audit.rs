@@ -2,6 +2,8 @@
 //! emitted under the `gateway::audit` target with fixed field names (the
 //! journald issue will map them to `GATEWAY_*`).
 
+pub mod cli;
+
 use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 /// How a connection ended.

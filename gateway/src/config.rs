@@ -65,6 +65,31 @@ struct RawConfig {
     interception: RawInterception,
     #[serde(default)]
     approvals: RawApprovals,
+    #[serde(default)]
+    audit: RawAudit,
+    #[serde(default)]
+    sessions: RawSessions,
+}
+
+/// `[audit]`: where audit events go.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawAudit {
+    journal: Option<Spanned<String>>,
+    journal_socket: Option<PathBuf>,
+    stderr: Option<bool>,
+    spool_max_bytes: Option<Spanned<u64>>,
+}
+
+/// `[sessions]`: session recordings on disk.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawSessions {
+    enabled: Option<bool>,
+    dir: Option<PathBuf>,
+    body_cap_bytes: Option<Spanned<u64>>,
+    max_age_days: Option<Spanned<u64>>,
+    max_total_mb: Option<Spanned<u64>>,
 }
 
 /// `[approvals]`: how `action = "approve"` holds requests and who may
@@ -269,6 +294,57 @@ pub struct Config {
     pub secrets: Vec<SecretInfo>,
     pub interception: Interception,
     pub approvals: Approvals,
+    pub audit: Audit,
+    pub sessions: Sessions,
+}
+
+/// Whether audit events go to journald.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JournalMode {
+    /// Journald when its socket exists at start, else stderr only.
+    Auto,
+    /// Always journald; while it is unreachable events are spooled in the
+    /// state directory and delivered when it returns.
+    On,
+    Off,
+}
+
+/// `[audit]`.
+#[derive(Debug, Clone)]
+pub struct Audit {
+    pub journal: JournalMode,
+    /// journald's native protocol socket.
+    pub journal_socket: PathBuf,
+    /// Also print audit events on stderr, with the operational log.
+    pub stderr: bool,
+    /// The spool never grows past this; beyond it events are counted, and
+    /// the count is audited when journald is back.
+    pub spool_max_bytes: u64,
+}
+
+impl Default for Audit {
+    fn default() -> Self {
+        Audit {
+            journal: JournalMode::Auto,
+            journal_socket: PathBuf::from("/run/systemd/journal/socket"),
+            stderr: true,
+            spool_max_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// `[sessions]`.
+#[derive(Debug, Clone)]
+pub struct Sessions {
+    pub enabled: bool,
+    /// Default `<state_dir>/sessions`.
+    pub dir: PathBuf,
+    /// Bytes of each request and response body kept (after masking).
+    pub body_cap: usize,
+    /// Recordings older than this are removed.
+    pub max_age: Duration,
+    /// The store never grows past this; the oldest go first.
+    pub max_total_bytes: u64,
 }
 
 /// `[approvals]`.
@@ -787,6 +863,8 @@ fn validate(
     let (secrets, secret_values) = load_secrets(raw.secrets, env, &at)?;
     let interception = interception(raw.interception, &at, &invalid)?;
     let approvals = approvals(raw.approvals, &trusted_issuers, &at)?;
+    let audit = audit(raw.audit, &at)?;
+    let sessions = sessions(raw.sessions, &d.state_dir, &at)?;
     if raw.policy.default == Action::Approve {
         return Err(invalid(
             "policy.default = \"approve\" is not possible (an approval needs a rule's approvers); use allow or block and write an approve rule"
@@ -825,6 +903,8 @@ fn validate(
         secrets,
         interception,
         approvals,
+        audit,
+        sessions,
     })
 }
 
@@ -885,6 +965,68 @@ fn load_secrets(
         infos.push(SecretInfo { name, source, path });
     }
     Ok((infos, values))
+}
+
+fn audit(
+    raw: RawAudit,
+    at: &impl Fn(Range<usize>, String) -> ConfigError,
+) -> Result<Audit, ConfigError> {
+    let d = Audit::default();
+    let journal = match &raw.journal {
+        None => d.journal,
+        Some(s) => match s.get_ref().as_str() {
+            "auto" => JournalMode::Auto,
+            "on" => JournalMode::On,
+            "off" => JournalMode::Off,
+            other => {
+                return Err(at(
+                    s.span(),
+                    format!("audit.journal is \"auto\", \"on\" or \"off\", not {other:?}"),
+                ));
+            }
+        },
+    };
+    let spool_max_bytes = match &raw.spool_max_bytes {
+        Some(s) if *s.get_ref() == 0 => {
+            return Err(at(
+                s.span(),
+                "audit.spool_max_bytes must be greater than 0".into(),
+            ));
+        }
+        Some(s) => *s.get_ref(),
+        None => d.spool_max_bytes,
+    };
+    Ok(Audit {
+        journal,
+        journal_socket: raw.journal_socket.unwrap_or(d.journal_socket),
+        stderr: raw.stderr.unwrap_or(d.stderr),
+        spool_max_bytes,
+    })
+}
+
+fn sessions(
+    raw: RawSessions,
+    state_dir: &Path,
+    at: &impl Fn(Range<usize>, String) -> ConfigError,
+) -> Result<Sessions, ConfigError> {
+    let positive = |v: &Option<Spanned<u64>>, key: &str, default: u64| match v {
+        Some(s) if *s.get_ref() == 0 => Err(at(
+            s.span(),
+            format!("sessions.{key} must be greater than 0 (default {default})"),
+        )),
+        Some(s) => Ok(*s.get_ref()),
+        None => Ok(default),
+    };
+    let body_cap = positive(&raw.body_cap_bytes, "body_cap_bytes", 64 * 1024)?;
+    let days = positive(&raw.max_age_days, "max_age_days", 30)?;
+    let mb = positive(&raw.max_total_mb, "max_total_mb", 1024)?;
+    Ok(Sessions {
+        enabled: raw.enabled.unwrap_or(true),
+        dir: raw.dir.unwrap_or_else(|| state_dir.join("sessions")),
+        body_cap: usize::try_from(body_cap).unwrap_or(usize::MAX),
+        max_age: Duration::from_secs(days.saturating_mul(86_400)),
+        max_total_bytes: mb.saturating_mul(1024 * 1024),
+    })
 }
 
 fn approvals(

@@ -18,6 +18,7 @@ mod oidc;
 mod policy;
 mod proxy;
 mod relay;
+mod sessions;
 mod sockdiag;
 mod tls;
 
@@ -94,6 +95,20 @@ enum Cmd {
         config: Option<PathBuf>,
         #[command(subcommand)]
         cmd: approvals::cli::Cmd,
+    },
+    /// The audit trail: verify its tamper-evident chain.
+    Audit {
+        #[arg(long, env = "GATEWAY_CONFIG", global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        cmd: audit::cli::Cmd,
+    },
+    /// Session recordings: list, show, export as HAR, prune.
+    Sessions {
+        #[arg(long, env = "GATEWAY_CONFIG", global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        cmd: sessions::cli::Cmd,
     },
     /// The TLS interception CA: create it, show it, install it where clients look.
     Ca {
@@ -187,6 +202,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 CaCmd::Trust { nssdb, system } => tls::ca::trust(&dir, nssdb.as_deref(), system)?,
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Audit { config, cmd } => {
+            let cfg = config::Config::load(config.as_deref())?;
+            audit::cli::run(&cfg, cmd)
+        }
+        Cmd::Sessions { config, cmd } => {
+            let cfg = config::Config::load(config.as_deref())?;
+            sessions::cli::run(&cfg, cmd)
         }
         Cmd::Approvals { config, cmd } => {
             let cfg = config::Config::load(config.as_deref())?;

@@ -1,0 +1,3 @@
+//! Session recordings (stub: being written).
+
+pub mod cli;
