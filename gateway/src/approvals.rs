@@ -248,6 +248,8 @@ pub struct Approvals {
     /// Masks body previews: every built-in detector.
     preview_mask: Option<MaskSpec>,
     inner: Mutex<Inner>,
+    /// Tickets alive (requests held or just released and being answered).
+    held: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Approvals {
@@ -342,6 +344,7 @@ impl Approvals {
                 pending: BTreeMap::new(),
                 windows,
             }),
+            held: std::sync::atomic::AtomicUsize::new(0),
         };
         approvals.save_windows();
         approvals.abort_leftovers();
@@ -471,6 +474,8 @@ impl Approvals {
         if let Some(hook) = &self.webhook {
             hook.notify(&id, webhook_payload(&approval));
         }
+        self.held
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(Ticket {
             approvals: self.clone(),
             approval,
@@ -750,6 +755,11 @@ impl Approvals {
         }
     }
 
+    /// How many requests are held, or released and not yet answered.
+    pub fn held(&self) -> usize {
+        self.held.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// The daemon stops: every held request is released as aborted.
     pub fn abort_all(&self) {
         let held: Vec<String> = self
@@ -835,6 +845,9 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
+        self.approvals
+            .held
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         if self.rx.is_some() && self.approvals.take(&self.approval.id).is_some() {
             audit(
                 &self.approval,

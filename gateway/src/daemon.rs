@@ -56,6 +56,8 @@ pub struct State {
     pub approvals: Arc<crate::approvals::Approvals>,
     /// The approvals API's address: tagged processes never reach it.
     pub api_addr: Option<SocketAddr>,
+    /// Session recordings (and their writer/janitor thread).
+    pub sessions: crate::sessions::Recorder,
     config: RwLock<Arc<Live>>,
 }
 
@@ -88,6 +90,9 @@ impl State {
 pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let cfg = Config::load(config_path.as_deref())?;
     tracing::info!(event = "config_loaded", origin = %cfg.origin);
+    // Audit delivery (journald, chain, spool) before anything is audited.
+    crate::audit::sink::start(&cfg.audit, &cfg.daemon.state_dir)
+        .context("starting audit delivery ([audit])")?;
     let mount = cgroup::mount().context("finding the cgroup2 mount")?;
 
     let mut cgroups = Vec::new();
@@ -201,6 +206,9 @@ pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         interception,
         approvals,
         api_addr,
+        // Starts the recordings' writer, which applies retention now and
+        // then periodically.
+        sessions: crate::sessions::Recorder::start(&cfg.sessions),
         config: RwLock::new(Live::new(&cfg)),
     });
     if let Some(listener) = api {
@@ -291,6 +299,16 @@ pub async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     };
     if let Err(e) = state.maps.set_control(&not_ready) {
         tracing::error!(error = %e, "could not mark the gateway not-ready; connects will be refused by the closed port instead");
+    }
+    // Give the released requests a moment to answer their clients (a 403
+    // naming the approval); bounded, so a stop never hangs on them.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while state.approvals.held() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if state.approvals.held() == 0 {
+        // The 403s are produced; let the connection tasks write them.
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let _ = std::fs::remove_file(&cfg.daemon.admin_socket);
     tracing::info!(

@@ -140,6 +140,47 @@ impl TestNet {
     }
 
     /// The namespace's name (`ip netns` name).
+    /// Chromium takes any address change on the host for a network change
+    /// and aborts what it is loading (`ERR_NETWORK_CHANGED`). A new veth's
+    /// IPv6 link-local address arrives about a second after the link comes
+    /// up, once duplicate address detection is done: tests that start a
+    /// browser wait for it first.
+    pub fn wait_link_local(&self) {
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().expect("run ip");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let with_global = ip(&[
+            "-o",
+            "-6",
+            "addr",
+            "show",
+            "to",
+            &format!("{}/128", self.host_v6()),
+        ]);
+        let dev = with_global
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or_else(|| panic!("no interface has {}: {with_global}", self.host_v6()))
+            .to_owned();
+        let conf = |key: &str| {
+            std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{dev}/{key}")).unwrap_or_default()
+        };
+        // No link-local address will come.
+        if conf("disable_ipv6").trim() == "1" || conf("addr_gen_mode").trim() == "1" {
+            return;
+        }
+        let settled = crate::poll(std::time::Duration::from_secs(10), || {
+            let link = ip(&["-o", "-6", "addr", "show", "dev", &dev, "scope", "link"]);
+            (link.contains("fe80") && !link.contains("tentative")).then_some(())
+        });
+        assert!(
+            settled.is_some(),
+            "{dev} got no settled IPv6 link-local address: {}",
+            ip(&["-6", "addr", "show", "dev", &dev])
+        );
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

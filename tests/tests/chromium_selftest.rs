@@ -258,6 +258,7 @@ impl World {
         require_root();
         let probe = Probe::new(env!("CARGO_BIN_EXE_gw-probe"));
         let net = TestNet::new();
+        net.wait_link_local();
         let u = unique("site");
         let shop = format!("shop.{u}.test");
         let blocked = format!("blocked.{u}.test");

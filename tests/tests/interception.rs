@@ -113,6 +113,7 @@ impl World {
         require_root();
         let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
         let net = TestNet::new();
+        net.wait_link_local();
         let origin = WebOrigin::start(
             &net,
             WebOptions::new(origin_bin()).names(&[SHOP, PROD, PARTNER, OTHER]),
