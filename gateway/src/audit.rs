@@ -1,8 +1,14 @@
-//! Audit records: one structured event per connection and per DNS answer,
-//! emitted under the `gateway::audit` target with fixed field names (the
-//! journald issue will map them to `GATEWAY_*`).
+//! Audit records: one structured event per connection, per HTTP exchange
+//! and per DNS answer, emitted under the `gateway::audit` target with fixed
+//! field names. [`sink`] turns each into a chained journald entry
+//! (`GATEWAY_<FIELD>`, `SYSLOG_IDENTIFIER=gateway-audit`); `gateway audit
+//! verify` ([`verify`]) checks the chain.
 
+pub mod chain;
 pub mod cli;
+pub mod journal;
+pub mod sink;
+pub mod verify;
 
 use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
@@ -57,6 +63,8 @@ pub struct ConnRecord {
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub duration: Duration,
+    /// The session recording's id (`gateway sessions show ID`), or empty.
+    pub recording: String,
 }
 
 impl ConnRecord {
@@ -88,6 +96,7 @@ impl ConnRecord {
             duration_ms = self.duration.as_millis() as u64,
             outcome = outcome.as_str(),
             reason = %reason,
+            recording = %self.recording,
         );
     }
 }

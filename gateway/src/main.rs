@@ -142,17 +142,28 @@ enum CaCmd {
 }
 
 fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::{Layer as _, filter::filter_fn, prelude::*};
     let filter = tracing_subscriber::EnvFilter::try_from_env("GATEWAY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match format {
-        LogFormat::Json => builder
+    let log = match format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .flatten_event(true)
             .with_current_span(false)
-            .init(),
-        LogFormat::Text => builder.init(),
-    }
+            .boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer().boxed(),
+    };
+    // The operational log (with audit events unless `[audit] stderr =
+    // false`), and every audit event to journald whatever GATEWAY_LOG says.
+    tracing_subscriber::registry()
+        .with(
+            log.with_filter(filter)
+                .with_filter(filter_fn(audit::sink::log_shows)),
+        )
+        .with(
+            audit::sink::JournalLayer.with_filter(filter_fn(|m| m.target() == audit::sink::TARGET)),
+        )
+        .init();
 }
 
 fn main() -> ExitCode {
