@@ -178,6 +178,7 @@ pub async fn serve(
     counters: Arc<Counters>,
 ) -> (Outcome, String) {
     let icpt = &state.interception;
+    state.sessions.open(conn.session);
     let stream = Prefixed::new(prefix, client, counters);
     let (tls, sni) = match &kind {
         Kind::Tls { sni } => (true, sni.clone()),
@@ -277,9 +278,22 @@ where
     builder.http2().timer(TokioTimer::new());
     let svc = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();
-        async move { Ok::<_, Infallible>(handle(ctx, req).await) }
+        async move { Ok::<_, Infallible>(recorded(ctx, req).await) }
     });
     builder.serve_connection_with_upgrades(io, svc).await
+}
+
+/// [`handle`], with the exchange captured for the session recording
+/// (`crate::sessions`): the request as received, the response as sent.
+async fn recorded(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<ResponseBody> {
+    let cap = ctx
+        .state
+        .sessions
+        .capture(ctx.conn.session, &req, ctx.tls, &ctx.conn.host);
+    req.extensions_mut().insert(cap.clone());
+    let resp = handle(ctx, req).await;
+    cap.response(resp.status(), resp.headers());
+    resp.map(|b| b.with_capture(cap))
 }
 
 fn version_str(v: Version) -> &'static str {
@@ -408,6 +422,7 @@ async fn handle(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<ResponseB
                     return gateway_response(status, rec, up, started, outcome);
                 }
             };
+            crate::sessions::Capture::of(&parts.extensions).request_body(&bytes);
             let path = parts.uri.path().to_string();
             if let Err(status) = hold(
                 &ctx,
@@ -431,7 +446,8 @@ async fn handle(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<ResponseB
         let client_upgrade = hyper::upgrade::on(&mut req);
         return websocket(&ctx, req, client_upgrade, &rd, rec, &host, up, started).await;
     }
-    let req = req.map(|b| Counted::new(b, up.clone()).boxed_unsync());
+    let cap = crate::sessions::Capture::of(req.extensions());
+    let req = req.map(|b| cap.tee(Counted::new(b, up.clone())).boxed_unsync());
     forward(&ctx, req, authority, &rd, rec, &host, up, started).await
 }
 
@@ -682,6 +698,7 @@ async fn forward(
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
     inject(&mut parts.headers, rd, &mut rec);
+    crate::sessions::Capture::of(&parts.extensions).injected(&rd.inject);
     if rd.mask.is_some() {
         restrict_accept_encoding(&mut parts.headers);
     }
@@ -806,6 +823,7 @@ async fn websocket(
         .headers
         .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     inject(&mut parts.headers, rd, &mut rec);
+    crate::sessions::Capture::of(&parts.extensions).injected(&rd.inject);
     let pq = parts
         .uri
         .path_and_query()

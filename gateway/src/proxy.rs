@@ -221,6 +221,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, local: SocketAddr, state: A
         Verdict::Hold(allowed) => held(client, Vec::new(), None, allowed, &state, &mut rec).await,
     };
     rec.duration = started.elapsed();
+    rec.recording = state.sessions.record(&rec, outcome, &reason);
     rec.emit(outcome, &reason);
 }
 

@@ -92,6 +92,8 @@ pub struct ResponseBody {
     down: u64,
     started: Instant,
     outcome_on_complete: &'static str,
+    /// The session recording's copy of this exchange.
+    capture: Option<crate::sessions::Capture>,
 }
 
 impl ResponseBody {
@@ -111,6 +113,7 @@ impl ResponseBody {
             down: 0,
             started,
             outcome_on_complete: "complete",
+            capture: None,
         }
     }
 
@@ -126,6 +129,7 @@ impl ResponseBody {
             down: 0,
             started: Instant::now(),
             outcome_on_complete: "complete",
+            capture: None,
         }
     }
 
@@ -141,6 +145,12 @@ impl ResponseBody {
         let mut b = ResponseBody::new(full(text), None, record, up, started);
         b.outcome_on_complete = outcome;
         b
+    }
+
+    /// Copies what the client gets into the session recording.
+    pub fn with_capture(mut self, capture: crate::sessions::Capture) -> ResponseBody {
+        self.capture = Some(capture);
+        self
     }
 
     fn fail(&mut self, why: String) {
@@ -174,6 +184,9 @@ impl ResponseBody {
             r.reason
                 .push_str("; the client went away before the response body ended");
         }
+        if let Some(c) = self.capture.take() {
+            c.finish(&r, outcome);
+        }
         r.emit(outcome);
     }
 
@@ -187,6 +200,9 @@ impl ResponseBody {
 
     fn data(&mut self, bytes: Bytes) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.down += bytes.len() as u64;
+        if let Some(c) = &self.capture {
+            c.response_data(&bytes);
+        }
         Poll::Ready(Some(Ok(Frame::data(bytes))))
     }
 }
