@@ -3,6 +3,7 @@
 
 mod bench;
 mod ebpf;
+mod install;
 mod prereqs;
 mod util;
 
@@ -45,6 +46,11 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Build, then install the binary (PREFIX/bin), the systemd units
+    /// (/etc/systemd/system), the example drop-ins (PREFIX/share/gateway)
+    /// and a commented default config (/etc/gateway/gateway.toml, never
+    /// overwritten); reloads systemd where it runs.
+    Install(install::Args),
     /// wrk against nginx in a network namespace, direct and through the
     /// gateway, in one run (root only).
     Bench(bench::Args),
@@ -65,6 +71,7 @@ fn dispatch(task: Task) -> Result<()> {
         Task::Build => build(),
         Task::Run { args } => run(args),
         Task::Test { args } => test(args),
+        Task::Install(args) => install::install(&args),
         Task::Bench(args) => bench::bench(&args),
     }
 }
