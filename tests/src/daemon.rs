@@ -248,6 +248,40 @@ impl Approvals {
     }
 }
 
+/// `[sessions]` (session recordings). `None` fields are left out (the
+/// daemon's defaults).
+#[derive(Debug, Clone, Default)]
+pub struct Sessions {
+    pub enabled: Option<bool>,
+    pub dir: Option<PathBuf>,
+    pub body_cap_bytes: Option<u64>,
+    pub max_age_days: Option<u64>,
+    pub max_total_mb: Option<u64>,
+}
+
+impl Sessions {
+    fn to_toml(&self) -> String {
+        let mut t = String::from("\n[sessions]\n");
+        if let Some(b) = self.enabled {
+            t += &format!("enabled = {b}\n");
+        }
+        if let Some(d) = &self.dir {
+            t += &format!("dir = {}\n", q(d.to_string_lossy()));
+        }
+        let numbers = [
+            ("body_cap_bytes", self.body_cap_bytes),
+            ("max_age_days", self.max_age_days),
+            ("max_total_mb", self.max_total_mb),
+        ];
+        for (key, value) in numbers {
+            if let Some(v) = value {
+                t += &format!("{key} = {v}\n");
+            }
+        }
+        t
+    }
+}
+
 /// An inline table of string lists, `{ "k" = ["v"] }`.
 fn q_map(entries: &[(String, Vec<String>)]) -> String {
     let items: Vec<String> = entries
@@ -278,6 +312,8 @@ pub struct Config {
     pub jwks_min_refetch_secs: Option<u64>,
     /// `daemon.fast_path`; the daemon's default when `None`.
     pub fast_path: Option<bool>,
+    /// `[sessions]`; left out (the daemon's defaults) when `None`.
+    pub sessions: Option<Sessions>,
     pub trusted_issuers: Vec<TrustedIssuer>,
     /// Identities backed by an OpenID provider, after the static ones.
     pub oidc_identities: Vec<OidcIdentity>,
@@ -321,6 +357,7 @@ impl Config {
             policy_default: "allow".into(),
             jwks_min_refetch_secs: None,
             fast_path: None,
+            sessions: None,
             trusted_issuers: Vec::new(),
             oidc_identities: Vec::new(),
             rules: Vec::new(),
@@ -527,6 +564,9 @@ impl Config {
             if let Some(max) = self.max_decoded_bytes {
                 t += &format!("max_decoded_bytes = {max}\n");
             }
+        }
+        if let Some(s) = &self.sessions {
+            t += &s.to_toml();
         }
         if let Some(a) = &self.approvals {
             t += &a.to_toml();
