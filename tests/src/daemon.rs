@@ -327,6 +327,37 @@ pub struct Config {
     pub max_decoded_bytes: Option<u64>,
     /// `[approvals]`; left out (the daemon's defaults) when `None`.
     pub approvals: Option<Approvals>,
+    /// `[audit]`; left out (the daemon's defaults) when `None`.
+    pub audit: Option<Audit>,
+}
+
+/// `[audit]`. `None` fields are left out (the daemon's defaults).
+#[derive(Debug, Clone, Default)]
+pub struct Audit {
+    /// `"auto"`, `"on"` or `"off"`.
+    pub journal: Option<String>,
+    pub journal_socket: Option<PathBuf>,
+    pub stderr: Option<bool>,
+    pub spool_max_bytes: Option<u64>,
+}
+
+impl Audit {
+    fn to_toml(&self) -> String {
+        let mut t = String::from("\n[audit]\n");
+        if let Some(j) = &self.journal {
+            t += &format!("journal = {}\n", q(j));
+        }
+        if let Some(p) = &self.journal_socket {
+            t += &format!("journal_socket = {}\n", q(p.to_string_lossy()));
+        }
+        if let Some(b) = self.stderr {
+            t += &format!("stderr = {b}\n");
+        }
+        if let Some(n) = self.spool_max_bytes {
+            t += &format!("spool_max_bytes = {n}\n");
+        }
+        t
+    }
 }
 
 impl Config {
@@ -365,7 +396,17 @@ impl Config {
             interception_cas: Vec::new(),
             max_decoded_bytes: None,
             approvals: None,
+            audit: None,
         }
+    }
+
+    /// `[audit] journal = "on"` with this native-protocol socket (a test's
+    /// own journald, see [`crate::journal::Journal`]).
+    pub fn journal(mut self, socket: impl Into<PathBuf>) -> Config {
+        let a = self.audit.get_or_insert_with(Audit::default);
+        a.journal = Some("on".into());
+        a.journal_socket = Some(socket.into());
+        self
     }
 
     /// A `[[secret]]` read from `file` (written by the test).
@@ -569,6 +610,9 @@ impl Config {
             t += &s.to_toml();
         }
         if let Some(a) = &self.approvals {
+            t += &a.to_toml();
+        }
+        if let Some(a) = &self.audit {
             t += &a.to_toml();
         }
         t += "\n[policy]\nversion = 1\n";

@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod dns;
 pub mod errno;
 pub mod hook;
+pub mod journal;
 pub mod jsonlog;
 pub mod net;
 pub mod oidc;

@@ -228,14 +228,13 @@ pub fn verify(entries: Vec<Entry>) -> Report {
             });
         }
         match &prev {
-            Some((p, p_hash)) if seq == p + 1 => {
-                if *p_hash != prev_hash {
-                    problems.push(Problem::BrokenLink {
-                        seq,
-                        cursor: e.cursor.clone(),
-                    });
-                }
+            Some((p, p_hash)) if seq == p + 1 && *p_hash != prev_hash => {
+                problems.push(Problem::BrokenLink {
+                    seq,
+                    cursor: e.cursor.clone(),
+                });
             }
+            Some((p, _)) if seq == p + 1 => {}
             Some((p, _)) => problems.push(Problem::Gap {
                 from: p + 1,
                 to: seq - 1,
