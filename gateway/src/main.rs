@@ -153,15 +153,17 @@ fn init_tracing(format: LogFormat) {
             .boxed(),
         LogFormat::Text => tracing_subscriber::fmt::layer().boxed(),
     };
-    // The operational log (with audit events unless `[audit] stderr =
-    // false`), and every audit event to journald whatever GATEWAY_LOG says.
+    // Every audit event to journald whatever GATEWAY_LOG says (first, so an
+    // event is chained and delivered or spooled before the log shows it),
+    // then the operational log (with audit events unless `[audit] stderr =
+    // false`).
     tracing_subscriber::registry()
+        .with(
+            audit::sink::JournalLayer.with_filter(filter_fn(|m| m.target() == audit::sink::TARGET)),
+        )
         .with(
             log.with_filter(filter)
                 .with_filter(filter_fn(audit::sink::log_shows)),
-        )
-        .with(
-            audit::sink::JournalLayer.with_filter(filter_fn(|m| m.target() == audit::sink::TARGET)),
         )
         .init();
 }

@@ -409,6 +409,14 @@ impl Config {
         self
     }
 
+    /// `[audit] spool_max_bytes`.
+    pub fn spool_max_bytes(mut self, n: u64) -> Config {
+        self.audit
+            .get_or_insert_with(Audit::default)
+            .spool_max_bytes = Some(n);
+        self
+    }
+
     /// A `[[secret]]` read from `file` (written by the test).
     pub fn secret(mut self, name: &str, file: impl Into<PathBuf>) -> Config {
         self.secrets.push((name.into(), file.into()));

@@ -73,6 +73,10 @@ struct World {
 
 impl World {
     fn new() -> World {
+        World::with(|c| c)
+    }
+
+    fn with(extra: impl FnOnce(Config) -> Config) -> World {
         require_root();
         let journal = Journal::start();
         let net = TestNet::new();
@@ -93,7 +97,7 @@ impl World {
                 inject: Some(("Authorization".into(), "partner-token".into())),
                 ..Rule::new("partner-credential", "allow")
             });
-        let daemon = Daemon::start(cfg);
+        let daemon = Daemon::start(extra(cfg));
         World {
             daemon,
             origin,
@@ -445,4 +449,75 @@ fn journald_down_mid_run_spools_and_delivers_when_back() {
     let ns = w.journal.namespace().to_string();
     let (ok, out) = w.verify(&["--namespace", &ns]);
     assert!(ok, "the trail does not verify after the outage:\n{out}");
+}
+
+#[test]
+fn a_spool_left_by_a_stopped_daemon_is_delivered_after_the_next_start() {
+    let mut w = World::new();
+    w.get_ok(&format!("http://{PLAIN}/echo?before=1"));
+    w.journal
+        .wait_entries(1, |v| v["GATEWAY_EVENT"] == "connection", WAIT);
+    w.journal.stop();
+    w.get_ok(&format!("http://{PLAIN}/echo?during=1"));
+    w.daemon.wait_events(2, |v| is_event(v, "connection"), WAIT);
+    let spool = w.spool();
+    poll(WAIT, || {
+        (std::fs::metadata(&spool).map(|m| m.len()).unwrap_or(0) > 0).then_some(())
+    })
+    .expect("the connection was spooled");
+    w.daemon.terminate();
+    w.journal.start_again();
+    w.daemon.start_again();
+    let notice = w
+        .journal
+        .wait_entries(1, |v| v["GATEWAY_EVENT"] == "audit_spooled", WAIT);
+    assert!(
+        field(&notice[0], "GATEWAY_SPOOLED").parse::<u64>().unwrap() >= 1,
+        "{}",
+        notice[0]
+    );
+    // Both connections are in the journal, and the chain holds.
+    w.journal
+        .wait_entries(2, |v| v["GATEWAY_EVENT"] == "connection", WAIT);
+    let ns = w.journal.namespace().to_string();
+    let (ok, out) = w.verify(&["--namespace", &ns]);
+    assert!(ok, "{out}");
+}
+
+#[test]
+fn a_full_spool_counts_what_it_dropped_and_verify_names_the_gap() {
+    // Room for no entry at all: everything during the outage is dropped.
+    let mut w = World::with(|c| c.spool_max_bytes(1));
+    w.get_ok(&format!("http://{PLAIN}/echo?before=1"));
+    let before = w
+        .journal
+        .wait_entries(1, |v| v["GATEWAY_EVENT"] == "connection", WAIT);
+    let last_before = seq(&before[0]);
+    w.journal.stop();
+    w.get_ok(&format!("http://{PLAIN}/echo?during=1"));
+    w.daemon.wait_events(2, |v| is_event(v, "connection"), WAIT);
+    w.journal.start_again();
+    let notice = w
+        .journal
+        .wait_entries(1, |v| v["GATEWAY_EVENT"] == "audit_spooled", WAIT);
+    let n = &notice[0];
+    let dropped: u64 = field(n, "GATEWAY_DROPPED").parse().unwrap();
+    assert!(dropped >= 1, "{n}");
+    assert_eq!(field(n, "GATEWAY_SPOOLED"), "0", "{n}");
+    let dropped_seqs = field(n, "GATEWAY_DROPPED_SEQS");
+    let (from, to) = dropped_seqs.split_once("..").expect("a seq range");
+    let (from, to): (u64, u64) = (from.parse().unwrap(), to.parse().unwrap());
+    assert!(from > last_before && to >= from, "{n}");
+    assert_eq!(seq(n), to + 1, "{n}");
+    let ns = w.journal.namespace().to_string();
+    let (ok, out) = w.verify(&["--namespace", &ns]);
+    assert!(!ok, "dropped records must show as a gap:\n{out}");
+    assert!(
+        out.contains(&format!(
+            "the chain jumps from seq {} to {}",
+            from - 1,
+            to + 1
+        )),
+        "{out}"
+    );
 }

@@ -72,6 +72,13 @@ impl JournalSocket {
         })
     }
 
+    /// Whether journald listens, without sending anything (a datagram
+    /// `connect` fails with ENOENT/ECONNREFUSED when nobody does).
+    pub fn reachable(&self) -> Result<(), Unreachable> {
+        let probe = UnixDatagram::unbound().map_err(Unreachable)?;
+        probe.connect(&self.path).map_err(Unreachable)
+    }
+
     /// One entry; a full queue (EAGAIN/ENOBUFS) is retried briefly, every
     /// other error is returned at once.
     pub fn send(&self, fields: &[(String, String)]) -> Result<(), Unreachable> {
@@ -153,10 +160,12 @@ mod tests {
             &buf[..n],
             &encode(&[f("MESSAGE", "one\ntwo"), f("PRIORITY", "6")])[..]
         );
+        assert!(s.reachable().is_ok());
         drop(server);
         // The socket file stays but nobody listens: refused.
         let e = s.send(&[f("MESSAGE", "x")]).unwrap_err();
         assert_eq!(e.0.raw_os_error(), Some(libc::ECONNREFUSED));
+        assert!(s.reachable().is_err());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

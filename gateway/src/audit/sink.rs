@@ -544,6 +544,15 @@ impl Inner {
         if sent == 0 && !data.is_empty() {
             return Ok(false);
         }
+        if data.is_empty() {
+            // Only drops to report: wait until journald is back.
+            if let Err(e) = self.journal.reachable() {
+                if let Some(o) = self.outage.as_mut() {
+                    o.why = e.to_string();
+                }
+                return Ok(false);
+            }
+        }
         let rest = &data[sent..];
         // Rewrite the spool with what is left (nothing, usually).
         let tmp = self.spool_path.with_extension("jsonl.tmp");
