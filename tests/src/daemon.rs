@@ -409,6 +409,12 @@ impl Config {
         self
     }
 
+    /// `[audit] stderr`: whether audit events are also on the daemon's log.
+    pub fn audit_stderr(mut self, on: bool) -> Config {
+        self.audit.get_or_insert_with(Audit::default).stderr = Some(on);
+        self
+    }
+
     /// `[audit] spool_max_bytes`.
     pub fn spool_max_bytes(mut self, n: u64) -> Config {
         self.audit

@@ -10,6 +10,7 @@
 
 use gateway_tests::daemon::{is_event, text};
 use gateway_tests::journal::Journal;
+use gateway_tests::oidc::{AUDIENCE, OidcProvider, Options};
 use gateway_tests::web::{WebOptions, WebOrigin};
 use gateway_tests::{Config, Daemon, Rule, TestNet, poll, require_root};
 use serde_json::Value;
@@ -258,6 +259,23 @@ fn traffic_yields_journal_entries_with_every_documented_field() {
 }
 
 #[test]
+fn with_stderr_off_audit_events_go_to_the_journal_only() {
+    let w = World::with(|c| c.audit_stderr(false));
+    w.get_ok(&format!("http://{PLAIN}/echo"));
+    w.journal.wait_entries(
+        1,
+        |v| v["GATEWAY_EVENT"] == "connection" && v["GATEWAY_HOST"] == PLAIN,
+        WAIT,
+    );
+    let log = w.daemon.events();
+    assert!(log.iter().any(|v| is_event(v, "ready")));
+    assert!(
+        !log.iter().any(|v| is_event(v, "connection")),
+        "an audit event is on the operational log: {log:?}"
+    );
+}
+
+#[test]
 fn secrets_and_cookies_never_reach_the_journal() {
     let w = World::new();
     let out = w.curl(&[
@@ -302,6 +320,64 @@ fn secrets_and_cookies_never_reach_the_journal() {
             !contains(&raw, needle.as_bytes()),
             "{needle:?} is in the raw journal files"
         );
+    }
+}
+
+#[test]
+fn an_enrolled_job_token_never_reaches_the_journal() {
+    require_root();
+    let provider = OidcProvider::start(&[], Options::default());
+    let w = World::with(|c| {
+        c.trusted_issuer(provider.issuer(), &[AUDIENCE])
+            .enrolled_identity("jobs", &[])
+    });
+    let job = w
+        .daemon
+        .identity_cgroup("jobs")
+        .join(gateway_tests::unique("job"));
+    std::fs::create_dir(&job).unwrap();
+    let rel = job
+        .strip_prefix(gateway_tests::cgroup2_mount())
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let token = provider.mint_job_token(AUDIENCE, "acme/shop", 300);
+    let file = w.daemon.config().dir().join("job-token");
+    std::fs::write(&file, &token).unwrap();
+    let out = w.daemon.enroll(&rel, &file).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // A token of the wrong audience is refused, and audited too.
+    let wrong = provider.mint_job_token("https://elsewhere.test", "acme/shop", 300);
+    let wrong_file = w.daemon.config().dir().join("wrong-token");
+    std::fs::write(&wrong_file, &wrong).unwrap();
+    let out = w.daemon.enroll(&rel, &wrong_file).output().unwrap();
+    assert!(!out.status.success(), "{out:?}");
+
+    let events = w
+        .journal
+        .wait_entries(2, |v| v["GATEWAY_EVENT"] == "enroll", WAIT);
+    assert!(
+        events
+            .iter()
+            .any(|e| field(e, "GATEWAY_OUTCOME") == "enrolled"),
+        "{events:?}"
+    );
+    let exported = serde_json::to_string(&w.journal.all_entries()).unwrap();
+    let raw = w.journal.raw_bytes();
+    assert!(contains(&raw, rel.as_bytes()), "no journal files found");
+    for t in [&token, &wrong] {
+        // The whole token, and its signature alone.
+        let sig = t.rsplit('.').next().unwrap();
+        for needle in [t.as_str(), sig] {
+            assert!(
+                !exported.contains(needle),
+                "a job token is in journalctl's output"
+            );
+            assert!(
+                !contains(&raw, needle.as_bytes()),
+                "a job token is in the raw journal files"
+            );
+        }
     }
 }
 
