@@ -282,7 +282,9 @@ pub fn render(report: &Report) -> String {
         (Some(a), Some(b)) => format!("seq {a}..{b}"),
         _ => "no records".to_string(),
     };
-    if report.ok() {
+    if report.ok() && report.records == 0 {
+        "OK: no audit records (nothing to verify)\n".to_string()
+    } else if report.ok() {
         let mut s = format!(
             "OK: {} audit records, {range}, every hash and link verified\n",
             report.records
