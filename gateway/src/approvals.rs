@@ -474,8 +474,7 @@ impl Approvals {
         if let Some(hook) = &self.webhook {
             hook.notify(&id, webhook_payload(&approval));
         }
-        self.held
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(Ticket {
             approvals: self.clone(),
             approval,

@@ -164,7 +164,8 @@ impl TestNet {
             .unwrap_or_else(|| panic!("no interface has {}: {with_global}", self.host_v6()))
             .to_owned();
         let conf = |key: &str| {
-            std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{dev}/{key}")).unwrap_or_default()
+            std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{dev}/{key}"))
+                .unwrap_or_default()
         };
         // No link-local address will come.
         if conf("disable_ipv6").trim() == "1" || conf("addr_gen_mode").trim() == "1" {

@@ -50,6 +50,12 @@ pub const TEST: &[(Check, &str, Installer)] = &[
     // The benchmark's peer: mitmproxy in transparent mode, behind iptables.
     (Bin("mitmdump"), "mitmproxy", Apt),
     (Bin("iptables"), "iptables", Apt),
+    // The audit tests start their own systemd-journald (and read it back
+    // with journalctl); the unit tests run systemd-analyze verify.
+    (Bin("journalctl"), "systemd", Apt),
+    (Bin("systemd-analyze"), "systemd", Apt),
+    // The unit's capability set is tried under setpriv.
+    (Bin("setpriv"), "util-linux", Apt),
     // The OpenID provider the identity tests run (npm `oidc-provider`).
     (NpmTree("tests/oidc"), "tests/oidc", NpmCi),
 ];
