@@ -142,7 +142,11 @@ enum CaCmd {
 }
 
 fn init_tracing(format: LogFormat) {
-    use tracing_subscriber::{Layer as _, filter::filter_fn, prelude::*};
+    use tracing_subscriber::{
+        Layer as _,
+        filter::{FilterExt as _, filter_fn},
+        prelude::*,
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("GATEWAY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let log = match format {
@@ -161,10 +165,10 @@ fn init_tracing(format: LogFormat) {
         .with(
             audit::sink::JournalLayer.with_filter(filter_fn(|m| m.target() == audit::sink::TARGET)),
         )
-        .with(
-            log.with_filter(filter)
-                .with_filter(filter_fn(audit::sink::log_shows)),
-        )
+        // One combined filter: nested per-layer filters leave callsites
+        // that both reject (hyper's and h2's debug spans) enabled, and every
+        // request then paid for span bookkeeping.
+        .with(log.with_filter(filter.and(filter_fn(audit::sink::log_shows))))
         .init();
 }
 
