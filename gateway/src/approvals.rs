@@ -160,6 +160,30 @@ impl Outcome {
         }
     }
 
+    /// Writes this outcome's approval id (a window's granting one) and
+    /// approver into a request's audit fields, and returns what the client
+    /// and the audit reason are told: `approval ID: outcome`.
+    pub fn settle(
+        &self,
+        approval_id: &mut String,
+        approver: &mut String,
+        timeout: Duration,
+    ) -> String {
+        if let Outcome::Window(w) = self {
+            approval_id.clone_from(&w.approval_id);
+        }
+        *approver = self.approver().to_string();
+        format!(
+            "approval {}: {}",
+            if approval_id.is_empty() {
+                "-"
+            } else {
+                approval_id.as_str()
+            },
+            self.describe(timeout)
+        )
+    }
+
     /// What the waiting client is told (after "approval ID").
     pub fn describe(&self, timeout: Duration) -> String {
         match self {
@@ -466,7 +490,7 @@ impl Approvals {
             },
         );
         drop(inner);
-        let record = self.dir.join("pending").join(format!("{id}.json"));
+        let record = self.pending_path(&id);
         if let Err(e) = write_atomic(&record, &serde_json::to_vec(&approval).unwrap_or_default()) {
             tracing::warn!(path = %record.display(), error = %e, "cannot record the pending approval on disk; a crash now would not be recorded as aborted");
         }
@@ -510,11 +534,16 @@ impl Approvals {
         );
     }
 
+    /// Where a pending approval is recorded until it resolves.
+    fn pending_path(&self, id: &str) -> PathBuf {
+        self.dir.join("pending").join(format!("{id}.json"))
+    }
+
     /// Removes a pending approval (and its file); `None` if it is gone.
     fn take(&self, id: &str) -> Option<Pending> {
         let p = self.inner.lock().ok()?.pending.remove(id);
         if p.is_some() {
-            let _ = std::fs::remove_file(self.dir.join("pending").join(format!("{id}.json")));
+            let _ = std::fs::remove_file(self.pending_path(id));
         }
         p
     }

@@ -526,19 +526,7 @@ async fn hold(
             ticket.wait().await
         }
     };
-    if let approvals::Outcome::Window(w) = &outcome {
-        rec.approval_id.clone_from(&w.approval_id);
-    }
-    rec.approver = outcome.approver().to_string();
-    let what = format!(
-        "approval {}: {}",
-        if rec.approval_id.is_empty() {
-            "-"
-        } else {
-            &rec.approval_id
-        },
-        outcome.describe(approvals.timeout())
-    );
+    let what = outcome.settle(&mut rec.approval_id, &mut rec.approver, approvals.timeout());
     rec.reason = format!("{}; {what}", rec.reason);
     if outcome.approved() {
         Ok(())

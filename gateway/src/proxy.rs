@@ -399,18 +399,10 @@ async fn held(
             }
         }
     };
-    if let approvals::Outcome::Window(w) = &outcome {
-        rec.approval_id.clone_from(&w.approval_id);
-    }
-    rec.approver = outcome.approver().to_string();
-    let what = format!(
-        "approval {}: {}",
-        if rec.approval_id.is_empty() {
-            "-"
-        } else {
-            &rec.approval_id
-        },
-        outcome.describe(state.approvals.timeout())
+    let what = outcome.settle(
+        &mut rec.approval_id,
+        &mut rec.approver,
+        state.approvals.timeout(),
     );
     if outcome.approved() {
         allowed.reason = format!("{}; {what}", allowed.reason);
